@@ -1,0 +1,89 @@
+"""ASE calculator for matkit potentials."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from .graph import AtomicGraph, check_atoms
+from .neighbors import VerletNeighborList
+
+__all__ = ["MatkitCalculator"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class MatkitCalculator(Calculator):
+    """ASE calculator for any matkit :class:`~matkit.models.Potential`.
+
+    Parameters
+    ----------
+    model : a Potential, or a path to a matkit checkpoint.
+    device : torch device ("cpu", "cuda", ...).
+    dtype : "float32" (fast default for MD) or "float64" (relaxations, phonons).
+    skin : Verlet skin in Å; the neighbour list is rebuilt only when an atom moved more than skin/2 or the cell
+        changed, and reused across MD steps otherwise. 0 rebuilds every call.
+
+    Properties: energy and free_energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, tensile
+    positive; needs a 3D periodic cell), energies (per-atom, eV). Forces and stress are gradients of the energy.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+
+    def __init__(self, model, device: str = "cpu", dtype: str = "float32", skin: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            from .checkpoint import load_checkpoint
+
+            model = load_checkpoint(model)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        self.device = torch.device(device)
+        self.dtype = _DTYPES[dtype]
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.neighbors = VerletNeighborList(self.model.cutoff, skin)
+
+    @classmethod
+    def from_checkpoint(cls, path, **kwargs) -> "MatkitCalculator":
+        from .checkpoint import load_checkpoint
+
+        return cls(load_checkpoint(path), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name: str, **kwargs) -> "MatkitCalculator":
+        """Load a bundled potential from ``potentials/<name>/`` (see :func:`matkit.potentials.find`)."""
+        from .potentials import checkpoint_path
+
+        return cls.from_checkpoint(checkpoint_path(name), **kwargs)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        want_stress = "stress" in properties
+        if want_stress and not atoms.pbc.all():
+            raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
+        check_atoms(atoms.positions, atoms.cell.array, atoms.pbc)
+        self.model.species_index(torch.as_tensor(atoms.numbers))  # unknown elements: clear error before any work
+        i, j, S = self.neighbors.update(atoms.positions, atoms.cell.array, atoms.pbc)
+        graph = AtomicGraph(
+            pos=torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device),
+            atomic_numbers=torch.as_tensor(atoms.numbers, dtype=torch.long, device=self.device),
+            cell=torch.as_tensor(atoms.cell.array, dtype=self.dtype, device=self.device).unsqueeze(0),
+            pbc=torch.as_tensor(atoms.pbc, device=self.device).unsqueeze(0),
+            edge_index=torch.stack([torch.as_tensor(j), torch.as_tensor(i)]).to(self.device),
+            shifts=torch.as_tensor(S, dtype=self.dtype, device=self.device),
+        )
+        out = self.model.compute(graph, forces=True, stress=want_stress)
+        energy = float(out["energy"][0].detach())
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["energies"] = out["energies"].detach().cpu().numpy().astype(np.float64)
+        self.results["forces"] = out["forces"].detach().cpu().numpy().astype(np.float64)
+        if want_stress:
+            stress = out["stress"][0].detach().cpu().numpy().astype(np.float64)
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
