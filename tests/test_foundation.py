@@ -82,7 +82,7 @@ def test_batched_lj_equals_single():
 # ---- calculator --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("optimizer", [FIRE, BFGS, LBFGS])
 def test_relaxation_with_frechet_cell_filter_reaches_zero_stress(optimizer):
-    atoms = bulk("Ar", "fcc", a=5.6) * (2, 2, 2)
+    atoms = bulk("Ar", "fcc", a=3.75) * (2, 2, 2)  # expanded by 6% from the minimum (a = 3.55 Å)
     atoms.rattle(0.02, seed=3)
     atoms.calc = MatkitCalculator(lj_model(), dtype="float64")
     cell_filter = FrechetCellFilter(atoms)
