@@ -5,7 +5,7 @@ PEER_PYTHON = "/work/peers/mace/bin/python"
 
 
 def ours_hparams():
-    return dict(cutoff=6.0, hidden=128, filters=128, num_interactions=4, num_gaussians=50)
+    return dict(cutoff=6.0, hidden=128, filters=64, num_interactions=4, num_gaussians=50)
 
 
 def make_peer_calculator(species):
