@@ -25,7 +25,9 @@ from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..graph import batch_graphs, _graph_from_arrays
+from torch_geometric.data import Batch
+
+from ..neighbors import neighbor_list
 from .relax import RelaxResult, RelaxSettings
 
 __all__ = ["BatchedRelaxer", "batched_relax"]
@@ -59,6 +61,14 @@ class _Pool:
         self.pbc = np.zeros((0, 3), dtype=bool)
         self.ids: List[int] = []
         self.t0: List[float] = []
+        # Verlet lists (cutoff + skin), local atom indices, per structure; geometry at the last build
+        self.edge_src = torch.zeros(0, dtype=torch.long, device=device)
+        self.edge_dst = torch.zeros(0, dtype=torch.long, device=device)
+        self.edge_shift = torch.zeros((0, 3), **f64)
+        self.edge_seg = torch.zeros(0, dtype=torch.long, device=device)
+        self.x_built = torch.zeros((0, 3), **f64)
+        self.deform_built = torch.zeros((0, 3, 3), **f64)
+        self.built = torch.zeros(0, dtype=torch.bool, device=device)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -93,19 +103,44 @@ class _Pool:
         self.started = torch.cat([self.started, torch.zeros(1, dtype=torch.bool, device=self.device)])
         self.natoms = torch.cat([self.natoms, torch.tensor([n], dtype=torch.long, device=self.device)])
         self.pbc = np.concatenate([self.pbc, np.asarray(atoms.pbc, dtype=bool)[None]])
+        self.x_built = torch.cat([self.x_built, torch.zeros((n, 3), **f64)])
+        self.deform_built = torch.cat([self.deform_built, torch.eye(3, **f64)[None]])
+        self.built = torch.cat([self.built, torch.zeros(1, dtype=torch.bool, device=self.device)])
         self.ids.append(int(index))
         self.t0.append(time.perf_counter())
 
     def keep(self, keep: torch.Tensor) -> None:
         """Drop the structures whose ``keep`` entry (B,) is False."""
         atom_keep = keep[self.seg]
-        self.x, self.v_atoms, self.numbers = self.x[atom_keep], self.v_atoms[atom_keep], self.numbers[atom_keep]
-        for name in ("cell0", "log_f", "v_cell", "dt", "a", "n_since_reset", "n_steps", "started", "natoms"):
+        for name in ("x", "v_atoms", "numbers", "x_built"):
+            setattr(self, name, getattr(self, name)[atom_keep])
+        for name in ("cell0", "log_f", "v_cell", "dt", "a", "n_since_reset", "n_steps", "started", "natoms",
+                     "deform_built", "built"):
             setattr(self, name, getattr(self, name)[keep])
+        edge_keep = keep[self.edge_seg]
+        new_slot = torch.cumsum(keep.long(), 0) - 1
+        self.edge_src, self.edge_dst = self.edge_src[edge_keep], self.edge_dst[edge_keep]
+        self.edge_shift, self.edge_seg = self.edge_shift[edge_keep], new_slot[self.edge_seg[edge_keep]]
         keep_np = keep.cpu().numpy()
         self.pbc = self.pbc[keep_np]
         self.ids = [i for i, k in zip(self.ids, keep_np) if k]
         self.t0 = [t for t, k in zip(self.t0, keep_np) if k]
+
+    def replace_edges(self, slots: List[int], lists) -> None:
+        """Replace the Verlet lists of structures ``slots`` by ``lists`` ((i, j, S) local int64 arrays each)."""
+        drop = torch.zeros(len(self), dtype=torch.bool, device=self.device)
+        drop[slots] = True
+        keep = ~drop[self.edge_seg]
+        src, dst, shift, seg = [self.edge_src[keep]], [self.edge_dst[keep]], [self.edge_shift[keep]], [self.edge_seg[keep]]
+        for slot, (i, j, S) in zip(slots, lists):
+            src.append(torch.as_tensor(j, dtype=torch.long, device=self.device))
+            dst.append(torch.as_tensor(i, dtype=torch.long, device=self.device))
+            shift.append(torch.as_tensor(S, dtype=torch.float64, device=self.device).reshape(-1, 3))
+            seg.append(torch.full((len(i),), slot, dtype=torch.long, device=self.device))
+        seg = torch.cat(seg)
+        order = torch.sort(seg, stable=True).indices
+        self.edge_src, self.edge_dst = torch.cat(src)[order], torch.cat(dst)[order]
+        self.edge_shift, self.edge_seg = torch.cat(shift)[order], seg[order]
 
 
 class BatchedRelaxer:
@@ -119,10 +154,16 @@ class BatchedRelaxer:
     max_atoms : atom budget of the in-flight pool (structures are added while it is not exceeded; a single
         structure larger than the budget still runs alone).
     max_structures : optional cap on the number of structures in flight.
+    skin : Verlet skin in Å. Each structure's neighbour list is built with ``cutoff + skin`` and reused while
+        no pair can have entered the cutoff sphere: with ``delta`` the largest atom displacement (in the frame
+        of the last build) and ``s`` the smallest singular value of the cell deformation since then, the list
+        is kept while ``s * (cutoff + skin - 2 delta) >= cutoff``. Pairs beyond the cutoff are dropped every
+        step, so the model sees exactly the pairs of a fresh list. ``skin=0`` rebuilds every step.
     """
 
     def __init__(self, model, settings: Optional[RelaxSettings] = None, device: str = "cpu",
-                 dtype: str = "float64", max_atoms: int = 4096, max_structures: Optional[int] = None):
+                 dtype: str = "float64", max_atoms: int = 4096, max_structures: Optional[int] = None,
+                 skin: float = 1.0):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from ..checkpoint import load_checkpoint
 
@@ -140,7 +181,11 @@ class BatchedRelaxer:
             p.requires_grad_(False)
         self.max_atoms = int(max_atoms)
         self.max_structures = max_structures
+        if not skin >= 0:
+            raise ValueError(f"skin must be >= 0, got {skin}")
+        self.skin = float(skin)
         self.n_model_calls = 0
+        self.n_neighbor_builds = 0
 
     # ---- public API ------------------------------------------------------------------------------------------
     def relax(self, structures: Sequence) -> List[RelaxResult]:
@@ -197,14 +242,41 @@ class BatchedRelaxer:
         cells = pool.cell0 @ deform_t
         return deform, positions, cells, seg
 
-    def _evaluate(self, pool: _Pool, positions: torch.Tensor, cells: torch.Tensor):
-        """Model energies (B,), forces (N,3) and stresses (B,3,3) at the given geometry (float64 out)."""
-        pos_np, cell_np = positions.cpu().numpy(), cells.cpu().numpy()
-        numbers = pool.numbers.cpu().numpy()
+    def _update_neighbor_lists(self, pool: _Pool, deform, positions, cells, seg) -> None:
+        """Rebuild the Verlet lists of the structures for which a pair may have crossed the cutoff."""
+        cutoff = self.model.cutoff
+        moved = ((pool.x - pool.x_built)[:, None, :] * pool.deform_built[seg]).sum(-1).norm(dim=1)
+        delta = torch.zeros(len(pool), dtype=torch.float64, device=self.device).scatter_reduce(
+            0, seg, moved, reduce="amax", include_self=True)
+        strain = torch.linalg.solve(pool.deform_built.transpose(1, 2), deform.transpose(1, 2))
+        shrink = torch.linalg.svdvals(strain)[:, -1]
+        stale = ~pool.built | (shrink * (cutoff + self.skin - 2.0 * delta) < cutoff) | (self.skin <= 0)
+        slots = torch.nonzero(stale).flatten().tolist()
+        if not slots:
+            return
         ptr = pool.ptr
-        graphs = [_graph_from_arrays(pos_np[ptr[b]:ptr[b + 1]], numbers[ptr[b]:ptr[b + 1]], cell_np[b], pool.pbc[b],
-                                     self.model.cutoff, self.dtype, {}) for b in range(len(pool))]
-        batch = batch_graphs(graphs).to(self.device)
+        pos_np, cell_np = positions.cpu().numpy(), cells.cpu().numpy()
+        lists = []
+        for b in slots:
+            lists.append(neighbor_list(pos_np[ptr[b]:ptr[b + 1]], cell_np[b], pool.pbc[b], cutoff + self.skin))
+        self.n_neighbor_builds += len(slots)
+        pool.replace_edges(slots, lists)
+        atom_stale = stale[seg]
+        pool.x_built = torch.where(atom_stale[:, None], pool.x, pool.x_built)
+        pool.deform_built = torch.where(stale[:, None, None], deform, pool.deform_built)
+        pool.built = torch.ones_like(pool.built)
+
+    def _evaluate(self, pool: _Pool, deform, positions, cells, seg):
+        """Model energies (B,), forces (N,3) and stresses (B,3,3) at the given geometry (float64 out)."""
+        self._update_neighbor_lists(pool, deform, positions, cells, seg)
+        ptr = torch.as_tensor(pool.ptr, dtype=torch.long, device=self.device)
+        src = pool.edge_src + ptr[pool.edge_seg]
+        dst = pool.edge_dst + ptr[pool.edge_seg]
+        vec = positions[src] - positions[dst] + torch.einsum("ek,ekl->el", pool.edge_shift, cells[pool.edge_seg])
+        inside = (vec * vec).sum(1) < self.model.cutoff ** 2
+        batch = Batch(pos=positions.to(self.dtype), atomic_numbers=pool.numbers, cell=cells.to(self.dtype),
+                      pbc=torch.as_tensor(pool.pbc, device=self.device), edge_index=torch.stack([src, dst])[:, inside],
+                      shifts=pool.edge_shift[inside].to(self.dtype), batch=seg, ptr=ptr)
         out = self.model.compute(batch, forces=True, stress=self.settings.relax_cell)
         self.n_model_calls += 1
         energy = out["energy"].detach().to(torch.float64)
@@ -231,7 +303,7 @@ class BatchedRelaxer:
         """Evaluate the pool, retire finished structures (yielding results), advance the rest by one FIRE step."""
         s = self.settings
         deform, positions, cells, seg = self._current_geometry(pool)
-        energy, forces, stress = self._evaluate(pool, positions, cells)
+        energy, forces, stress = self._evaluate(pool, deform, positions, cells, seg)
         f_atoms, f_cell = self._generalised_forces(pool, deform, forces, stress, cells, seg)
 
         n = len(pool)
