@@ -263,6 +263,7 @@ def _progress(total, desc, enabled):
 def _manifest(spec: RunSpec) -> dict:
     keep = ("structures", "calculator", "n_shards", "settings", "energy_scale", "dtype", "limit", "entries")
     data = {k: getattr(spec, k) for k in keep}
+    data["settings"] = dataclasses.asdict(spec.relax_settings())
     data["structures"] = str(Path(spec.structures).resolve())
     return data
 
@@ -288,7 +289,7 @@ def run(structures, out_dir, calculator: str, n_shards: int = 1, workers: int = 
     """Run (or resume) all shards ``shards`` (default all) of a relaxation run; returns per-shard counts.
 
     backend "local": ``workers <= 1`` runs the shards in this process, otherwise in a process pool
-    (spawned processes); "ray": one Ray task per shard (see :func:`run_ray`).
+    (forked, or spawned once CUDA is initialised); "ray": one Ray task per shard (see :func:`run_ray`).
     """
     base = RunSpec(structures=str(structures), out_dir=str(out_dir), calculator=calculator, n_shards=n_shards,
                    **spec_kwargs)
@@ -309,13 +310,24 @@ def run(structures, out_dir, calculator: str, n_shards: int = 1, workers: int = 
 
     results = []
     bar = _progress(len(specs), "shards", progress)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
         futures = [pool.submit(run_shard, s) for s in specs]
         for future in as_completed(futures):
             results.append(future.result())
             bar.update(1)
     bar.close()
     return sorted(results, key=lambda c: c["shard"])
+
+
+def _pool_context():
+    """fork (fast start: workers inherit the imported modules) unless CUDA is initialised or the platform lacks
+    it; spawn otherwise (CUDA cannot be used in forked children)."""
+    import multiprocessing as mp
+    import torch
+
+    if "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized():
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
 
 
 def run_ray(specs: Sequence[RunSpec], workers: int = 1) -> List[Dict[str, int]]:
