@@ -132,7 +132,7 @@ def plot_cumulative(e_hull_true, e_hull_pred, path, threshold: float = STABILITY
     n_pred_stable = int((np.asarray(e_hull_pred, float) <= threshold).sum())
     ax.axvline(n_pred_stable, color="gray", ls=":", lw=0.8)
     ax.set_title(title)
-    fig.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="upper right", bbox_to_anchor=(0.86, 0.88), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
