@@ -19,7 +19,7 @@ factor; absent means neutral.
 
 Speed (CPU): the node state is a compact (9, N, F) component-first tensor (see :mod:`matkit.nn.tensornet_blocks`);
 all distance-only edge features (basis, cutoff, edge MLPs) are computed once per *pair* of reverse edges;
-the species-pair embedding is a (S, S, F) table built once per call; messages are one gather, three
+the species-pair embedding is a table over the species present, built once per call; messages are one gather, three
 broadcast products and three ``index_add`` per layer; the (E, 9, F) per-edge tensors are the only
 edge-sized tensors of width 9F.
 """
@@ -90,9 +90,9 @@ class TensorEmbedding(nn.Module):
         self.scalar_mlp = nn.Sequential(nn.Linear(channels, 2 * channels), activation(),
                                         nn.Linear(2 * channels, 3 * channels), activation())
 
-    def pair_table(self) -> torch.Tensor:
-        """(S, S, F) table of ``W [emb(centre) || emb(neighbour)] + b`` for all species pairs."""
-        emb = self.species_embedding.weight
+    def pair_table(self, present: torch.Tensor) -> torch.Tensor:
+        """(P, P, F) table of ``W [emb(centre) || emb(neighbour)] + b`` for the species indices ``present`` (P,)."""
+        emb = self.species_embedding(present)
         n = emb.shape[0]
         pairs = torch.cat((emb[:, None, :].expand(n, n, -1), emb[None, :, :].expand(n, n, -1)), -1)
         return self.pair_linear(pairs)
@@ -101,15 +101,15 @@ class TensorEmbedding(nn.Module):
         """species (N,); src/dst (E,); unit (E, 3) torchmd-net-sign unit vectors; radial_cut (E, 3F) =
         cutoff * distance projections per edge; self_radial_cut (3F,) the same at d = 0 -> X (9, N, F)."""
         n, f = species.shape[0], self.channels
-        table = self.pair_table()
-        num_species = table.shape[0]
-        pair_index = species[dst] * num_species + species[src]
-        z_pair = table.view(-1, f).index_select(0, pair_index)                 # (E, F)
+        present, local = torch.unique(species, return_inverse=True)   # only the species in this graph
+        table = self.pair_table(present).view(-1, f)
+        p = present.shape[0]
+        z_pair = table.index_select(0, local[dst] * p + local[src])           # (E, F)
         factors = radial_cut.view(-1, 3, f) * z_pair[:, None, :]                 # (E, 3, F)
         per_edge = torch.cat((unit.new_ones(1, unit.shape[0]), unit.t(), traceless_outer_components(unit)), 0)
         X = _scatter_parts(per_edge[:, :, None], factors, dst, n)               # (9, N, F)
         # self-loop: d = 0, zero unit vector -> only the isotropic part
-        z_self = table.view(-1, f).index_select(0, species * num_species + species)
+        z_self = table.index_select(0, local * (p + 1))
         X = X + torch.cat((z_self[None] * self_radial_cut[:f], X.new_zeros(8, n, f)), 0)
 
         scales = self.scalar_mlp(self.init_norm(total_squared_norm(X)))      # (N, 3F)
