@@ -33,9 +33,9 @@ from torch import nn
 
 from ..graph import graph_batch_vector
 from ..nn.radial_expnorm import ExpNormalBasis, cosine_cutoff
-from ..nn.tensornet_blocks import (A_PART, I_PART, S_PART, compose_matrix, decompose_matrix, matmul_per_channel,
-                                   mix_parts, reverse_pair_groups, squared_norms, total_squared_norm,
-                                   traceless_outer_components)
+from ..nn.tensornet_blocks import (compose_matrix, decompose_matrix, geometric_messages, matmul_per_channel,
+                                   mix_parts, neighbour_messages, reverse_pair_groups, squared_norms,
+                                   total_squared_norm, traceless_outer_components)
 from .base import Potential, register
 
 __all__ = ["TensorNet"]
@@ -61,19 +61,6 @@ def _part_factors(factors: torch.Tensor) -> torch.Tensor:
     """Per-part factors (3, ..., F) -> per-component factors (9, ..., F) ([I, a, a, a, s, s, s, s, s])."""
     index = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2, 2], device=factors.device)
     return factors.index_select(0, index)
-
-
-def _scatter_parts(per_edge: torch.Tensor, factors: torch.Tensor, dst: torch.Tensor, num_nodes: int):
-    """Messages ``sum_edges factor_part * per_edge`` aggregated at ``dst``.
-
-    per_edge (9, E, F) compact components, factors (E, 3, F) per part -> (9, N, F).
-    """
-    out = []
-    for part, k in ((I_PART, 0), (A_PART, 1), (S_PART, 2)):
-        values = per_edge[part] * factors[:, k]
-        zeros = values.new_zeros(values.shape[0], num_nodes, values.shape[2])
-        out.append(zeros.index_add_(1, dst, values))
-    return torch.cat(out, 0)
 
 
 class TensorEmbedding(nn.Module):
@@ -106,8 +93,8 @@ class TensorEmbedding(nn.Module):
         p = present.shape[0]
         z_pair = table.index_select(0, local[dst] * p + local[src])           # (E, F)
         factors = radial_cut.view(-1, 3, f) * z_pair[:, None, :]                 # (E, 3, F)
-        per_edge = torch.cat((unit.new_ones(1, unit.shape[0]), unit.t(), traceless_outer_components(unit)), 0)
-        X = _scatter_parts(per_edge[:, :, None], factors, dst, n)               # (9, N, F)
+        geometry = torch.cat((unit.new_ones(1, unit.shape[0]), unit.t(), traceless_outer_components(unit)), 0)
+        X = geometric_messages(geometry, factors, dst, n, fused=not self.training)   # (9, N, F)
         # self-loop: d = 0, zero unit vector -> only the isotropic part
         z_self = table.index_select(0, local * (p + 1))
         X = X + torch.cat((z_self[None] * self_radial_cut[:f], X.new_zeros(8, n, f)), 0)
@@ -139,7 +126,7 @@ class Interaction(nn.Module):
         W = self.tensor_mixers
         X = X / (total_squared_norm(X) + 1.0)
         Y = mix_parts(X, W[0], W[1], W[2])
-        messages = _scatter_parts(Y.index_select(1, src), factors.view(-1, 3, f), dst, n)
+        messages = neighbour_messages(Y, factors.view(-1, 3, f), src, dst, n, fused=not self.training)
         messages = messages + Y * _part_factors(self_factors.view(3, 1, f))
         Yf, Mf = compose_matrix(Y), compose_matrix(messages)
         if self.group == "O(3)":

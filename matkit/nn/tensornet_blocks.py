@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["I_PART", "A_PART", "S_PART", "compose_matrix", "decompose_matrix", "squared_norms",
            "total_squared_norm", "matmul_per_channel", "traceless_outer_components", "mix_parts",
-           "reverse_pair_groups"]
+           "reverse_pair_groups", "neighbour_messages", "geometric_messages"]
 
 I_PART, A_PART, S_PART = slice(0, 1), slice(1, 4), slice(4, 9)
 
@@ -113,3 +113,130 @@ def reverse_pair_groups(edge_index: torch.Tensor, shifts: torch.Tensor, num_node
     representative = torch.empty(unique.shape[0], dtype=torch.long, device=device)
     representative.scatter_(0, group, torch.arange(num_edges, device=device))
     return representative, group
+
+
+# ---- fused, edge-chunked message passing (inference) ----------------------------------------------------------
+#
+# Messages are memory bound: the (9, E, F) per-edge tensors are ~9x larger than the node tensors. The two
+# autograd functions below never keep them: forward and backward run over chunks of edges small enough to stay
+# in cache and save only node-sized inputs and (E, 3, F) factors. Their backward is not differentiable again,
+# so models use them only outside training (force-loss training needs double backward).
+
+PART_INDEX = (0, 1, 1, 1, 2, 2, 2, 2, 2)  # part of each of the 9 compact components
+
+
+def _edge_chunk(num_channels: int) -> int:
+    return max(64, (1 << 18) // (9 * max(num_channels, 1)))
+
+
+def _scale_parts_(values: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """In place: values (9, C, F) *= factors (C, 3, F) per part."""
+    values[I_PART] *= factors[:, 0]
+    values[A_PART] *= factors[:, 1]
+    values[S_PART] *= factors[:, 2]
+    return values
+
+
+def _sum_parts(values: torch.Tensor) -> torch.Tensor:
+    """(9, C, ...) -> (C, 3, ...) sums over the components of each part."""
+    return torch.stack((values[0], values[A_PART].sum(0), values[S_PART].sum(0)), 1)
+
+
+class _NeighbourMessages(torch.autograd.Function):
+    """``out[:, i] = sum_{e: dst_e = i} factors[e, part] * Y[:, src_e]`` for compact Y (9, N, F)."""
+
+    @staticmethod
+    def forward(ctx, Y, factors, src, dst, num_nodes):
+        out = Y.new_zeros(9, num_nodes, Y.shape[2])
+        step = _edge_chunk(Y.shape[2])
+        for start in range(0, src.shape[0], step):
+            s, d = src[start:start + step], dst[start:start + step]
+            out.index_add_(1, d, _scale_parts_(Y.index_select(1, s), factors[start:start + step]))
+        ctx.save_for_backward(Y, factors, src, dst)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        Y, factors, src, dst = ctx.saved_tensors
+        need_y, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_y = torch.zeros_like(Y) if need_y else None
+        grad_f = torch.empty_like(factors) if need_f else None
+        step = _edge_chunk(Y.shape[2])
+        grad_out = grad_out.contiguous()
+        for start in range(0, src.shape[0], step):
+            stop = start + step
+            s, d = src[start:stop], dst[start:stop]
+            g = grad_out.index_select(1, d)
+            if need_f:
+                grad_f[start:stop] = _sum_parts(g * Y.index_select(1, s))
+            if need_y:
+                grad_y.index_add_(1, s, _scale_parts_(g, factors[start:stop]))
+        return grad_y, grad_f, None, None, None
+
+
+class _GeometricMessages(torch.autograd.Function):
+    """``out[c, i] = sum_{e: dst_e = i} geometry[c, e] * factors[e, part(c)]``: geometry (9, E), factors (E, 3, F)."""
+
+    @staticmethod
+    def forward(ctx, geometry, factors, dst, num_nodes):
+        out = factors.new_zeros(9, num_nodes, factors.shape[2])
+        index = torch.tensor(PART_INDEX, device=factors.device)
+        step = _edge_chunk(factors.shape[2])
+        for start in range(0, dst.shape[0], step):
+            stop = start + step
+            values = factors[start:stop].index_select(1, index).transpose(0, 1) * geometry[:, start:stop, None]
+            out.index_add_(1, dst[start:stop], values)
+        ctx.save_for_backward(geometry, factors, dst)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        geometry, factors, dst = ctx.saved_tensors
+        need_g, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_g = torch.empty_like(geometry) if need_g else None
+        grad_f = torch.empty_like(factors) if need_f else None
+        index = torch.tensor(PART_INDEX, device=factors.device)
+        step = _edge_chunk(factors.shape[2])
+        grad_out = grad_out.contiguous()
+        for start in range(0, dst.shape[0], step):
+            stop = start + step
+            g = grad_out.index_select(1, dst[start:stop])                      # (9, C, F)
+            if need_g:
+                f = factors[start:stop].index_select(1, index).transpose(0, 1)  # (9, C, F)
+                grad_g[:, start:stop] = (g * f).sum(-1)
+            if need_f:
+                grad_f[start:stop] = _sum_parts(g * geometry[:, start:stop, None])
+        return grad_g, grad_f, None, None
+
+
+def neighbour_messages(Y: torch.Tensor, factors: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
+                       num_nodes: int, fused: bool = True) -> torch.Tensor:
+    """Sum over edges of per-part factors times the neighbour's compact tensor, at the centre.
+
+    Y (9, N, F) compact node tensors; factors (E, 3, F); src / dst (E,) neighbour / centre -> (9, N, F).
+    ``fused=True``: chunked, memory-lean, first-order differentiable only; ``False``: plain autograd ops.
+    """
+    if fused:
+        return _NeighbourMessages.apply(Y, factors, src, dst, num_nodes)
+    out = []
+    for part, values in zip(factors.unbind(1), Y.split([1, 3, 5], 0)):
+        values = values.index_select(1, src) * part
+        out.append(values.new_zeros(values.shape[0], num_nodes, values.shape[2]).index_add_(1, dst, values))
+    return torch.cat(out, 0)
+
+
+def geometric_messages(geometry: torch.Tensor, factors: torch.Tensor, dst: torch.Tensor, num_nodes: int,
+                       fused: bool = True) -> torch.Tensor:
+    """Sum over edges of per-edge geometric components times per-part factors, at the centre.
+
+    geometry (9, E) compact components of each edge's tensor; factors (E, 3, F) -> (9, N, F).
+    """
+    if fused:
+        return _GeometricMessages.apply(geometry, factors, dst, num_nodes)
+    out = []
+    for part, values in zip(factors.unbind(1), geometry.split([1, 3, 5], 0)):
+        values = values[:, :, None] * part
+        out.append(values.new_zeros(values.shape[0], num_nodes, values.shape[2]).index_add_(1, dst, values))
+    return torch.cat(out, 0)
