@@ -84,17 +84,17 @@ class TensorEmbedding(nn.Module):
         pairs = torch.cat((emb[:, None, :].expand(n, n, -1), emb[None, :, :].expand(n, n, -1)), -1)
         return self.pair_linear(pairs)
 
-    def forward(self, species, src, dst, unit, radial_cut, self_radial_cut):
-        """species (N,); src/dst (E,); unit (E, 3) torchmd-net-sign unit vectors; radial_cut (E, 3F) =
-        cutoff * distance projections per edge; self_radial_cut (3F,) the same at d = 0 -> X (9, N, F)."""
+    def forward(self, species, src, dst, unit, group, radial_cut, self_radial_cut):
+        """species (N,); src/dst (E,); unit (E, 3) torchmd-net-sign unit vectors; group (E,) pair group of
+        each edge; radial_cut (G, 3F) = cutoff * distance projections per pair group; self_radial_cut (3F,) the
+        same at d = 0 -> X (9, N, F)."""
         n, f = species.shape[0], self.channels
         present, local = torch.unique(species, return_inverse=True)   # only the species in this graph
         table = self.pair_table(present).view(-1, f)
         p = present.shape[0]
-        z_pair = table.index_select(0, local[dst] * p + local[src])           # (E, F)
-        factors = radial_cut.view(-1, 3, f) * z_pair[:, None, :]                 # (E, 3, F)
         geometry = torch.cat((unit.new_ones(1, unit.shape[0]), unit.t(), traceless_outer_components(unit)), 0)
-        X = geometric_messages(geometry, factors, dst, n, fused=not self.training)   # (9, N, F)
+        X = geometric_messages(geometry, radial_cut.view(-1, 3, f), table, group, local[dst] * p + local[src], dst,
+                               n, fused=not self.training)                  # (9, N, F)
         # self-loop: d = 0, zero unit vector -> only the isotropic part
         z_self = table.index_select(0, local * (p + 1))
         X = X + torch.cat((z_self[None] * self_radial_cut[:f], X.new_zeros(8, n, f)), 0)
@@ -120,13 +120,14 @@ class Interaction(nn.Module):
         """(G, K) basis and (G,) cutoff -> (G, 3F) per-part message factors."""
         return self.radial_mlp(rbf) * cut[:, None]
 
-    def forward(self, X, src, dst, factors, self_factors, charge_factor):
-        """X (9, N, F); factors (E, 3F); self_factors (3F,); charge_factor (N, 1) or None -> X (9, N, F)."""
+    def forward(self, X, src, dst, factors, group, self_factors, charge_factor):
+        """X (9, N, F); factors (G, 3F) per group of reverse edges, group (E,) the group of each edge;
+        self_factors (3F,); charge_factor (N, 1) or None -> X (9, N, F)."""
         n, f = X.shape[1], self.channels
         W = self.tensor_mixers
         X = X / (total_squared_norm(X) + 1.0)
         Y = mix_parts(X, W[0], W[1], W[2])
-        messages = neighbour_messages(Y, factors.view(-1, 3, f), src, dst, n, fused=not self.training)
+        messages = neighbour_messages(Y, factors.view(-1, 3, f), src, dst, n, group=group, fused=not self.training)
         messages = messages + Y * _part_factors(self_factors.view(3, 1, f))
         Yf, Mf = compose_matrix(Y), compose_matrix(messages)
         if self.group == "O(3)":
@@ -220,14 +221,14 @@ class TensorNet(Potential):
         rbf_self, cut_self = self.rbf(zero), self._cutoff(zero)
 
         proj = self.embedding.distance_proj
-        radial_cut = (proj(rbf_pair) * cut_pair[:, None]).index_select(0, group)
+        radial_cut = proj(rbf_pair) * cut_pair[:, None]
         self_radial_cut = (proj(rbf_self) * cut_self[:, None])[0]
-        X = self.embedding(species, src, dst, unit, radial_cut, self_radial_cut)
+        X = self.embedding(species, src, dst, unit, group, radial_cut, self_radial_cut)
         charge_factor = self._charge_factor(graph, n, X.dtype)
         for layer in self.layers:
-            factors = layer.edge_factors(rbf_pair, cut_pair).index_select(0, group)
+            factors = layer.edge_factors(rbf_pair, cut_pair)
             self_factors = layer.edge_factors(rbf_self, cut_self)[0]
-            X = layer(X, src, dst, factors, self_factors, charge_factor)
+            X = layer(X, src, dst, factors, group, self_factors, charge_factor)
         return X
 
     def raw_atomic_energies(self, graph, species, edge_vec):

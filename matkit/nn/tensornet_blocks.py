@@ -13,6 +13,8 @@ copies. Full matrices (needed only for the per-channel matrix products) are (3, 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 __all__ = ["I_PART", "A_PART", "S_PART", "compose_matrix", "decompose_matrix", "squared_norms",
@@ -34,34 +36,36 @@ def compose_matrix(X: torch.Tensor) -> torch.Tensor:
 
 def decompose_matrix(M: torch.Tensor) -> torch.Tensor:
     """Full matrices (3, 3, ...) -> compact (9, ...) [I, a, s] (exact irreducible decomposition)."""
-    m = M.reshape(9, *M.shape[2:])
-    i = (m[0] + m[4] + m[8]) / 3.0
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = M.reshape(9, *M.shape[2:]).unbind(0)
+    i = (m00 + m11 + m22) / 3.0
     comps = (i,
-             0.5 * (m[7] - m[5]), 0.5 * (m[2] - m[6]), 0.5 * (m[3] - m[1]),
-             m[0] - i, m[4] - i,
-             0.5 * (m[1] + m[3]), 0.5 * (m[2] + m[6]), 0.5 * (m[5] + m[7]))
+             0.5 * (m21 - m12), 0.5 * (m02 - m20), 0.5 * (m10 - m01),
+             m00 - i, m11 - i,
+             0.5 * (m01 + m10), 0.5 * (m02 + m20), 0.5 * (m12 + m21))
     return torch.stack(comps, 0)
 
 
 def squared_norms(X: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius norms of the I*Id, A and S parts: (9, N, F) -> (3, N, F) = [3 I^2, |A|^2, |S|^2]."""
-    i = X[0]
-    a = X[A_PART]
-    sxx, syy, sxy, sxz, syz = X[S_PART].unbind(0)
+    i, ax, ay, az, sxx, syy, sxy, sxz, syz = X.unbind(0)
     norm_i = 3.0 * i * i
-    norm_a = 2.0 * (a * a).sum(0)
+    norm_a = 2.0 * (ax * ax + ay * ay + az * az)
     norm_s = sxx * sxx + syy * syy + (sxx + syy) ** 2 + 2.0 * (sxy * sxy + sxz * sxz + syz * syz)
     return torch.stack((norm_i, norm_a, norm_s), 0)
 
 
 def total_squared_norm(X: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius norm of the full matrix per node and channel: (9, N, F) -> (N, F)."""
-    return squared_norms(X).sum(0)
+    i, ax, ay, az, sxx, syy, sxy, sxz, syz = X.unbind(0)
+    return (3.0 * i * i + 2.0 * (ax * ax + ay * ay + az * az) + sxx * sxx + syy * syy + (sxx + syy) ** 2
+            + 2.0 * (sxy * sxy + sxz * sxz + syz * syz))
 
 
 def matmul_per_channel(Y: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """Per-channel matrix product of full matrices (3, 3, N, F) x (3, 3, N, F) -> (3, 3, N, F)."""
-    return Y[:, 0, None] * M[None, 0] + Y[:, 1, None] * M[None, 1] + Y[:, 2, None] * M[None, 2]
+    y0, y1, y2 = Y.unbind(1)        # columns of Y, each (3, N, F)
+    m0, m1, m2 = M.unbind(0)        # rows of M
+    return y0[:, None] * m0[None] + y1[:, None] * m1[None] + y2[:, None] * m2[None]
 
 
 def traceless_outer_components(unit: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,8 @@ def mix_parts(X: torch.Tensor, w_i: torch.Tensor, w_a: torch.Tensor, w_s: torch.
 
     The same matrix acts on all components of a part, so the result stays equivariant.
     """
-    return torch.cat((X[I_PART] @ w_i.t(), X[A_PART] @ w_a.t(), X[S_PART] @ w_s.t()), 0)
+    i, a, s = X.split((1, 3, 5), 0)
+    return torch.cat((i @ w_i.t(), a @ w_a.t(), s @ w_s.t()), 0)
 
 
 def reverse_pair_groups(edge_index: torch.Tensor, shifts: torch.Tensor, num_nodes: int):
@@ -142,84 +147,110 @@ def _sum_parts(values: torch.Tensor) -> torch.Tensor:
     return torch.stack((values[0], values[A_PART].sum(0), values[S_PART].sum(0)), 1)
 
 
+def _chunks(num_edges: int, num_channels: int):
+    step = _edge_chunk(num_channels)
+    return ((start, min(start + step, num_edges)) for start in range(0, num_edges, step))
+
+
+def _take_factors(factors: torch.Tensor, group: Optional[torch.Tensor], start: int, stop: int) -> torch.Tensor:
+    """Per-edge factors (C, 3, F) of edges start:stop (from per-group factors when ``group`` is given)."""
+    if group is None:
+        return factors[start:stop]
+    return factors.index_select(0, group[start:stop])
+
+
+def _accumulate_factor_grad(grad_f, values, group, start, stop):
+    if group is None:
+        grad_f[start:stop] = values
+    else:
+        grad_f.index_add_(0, group[start:stop], values)
+
+
 class _NeighbourMessages(torch.autograd.Function):
-    """``out[:, i] = sum_{e: dst_e = i} factors[e, part] * Y[:, src_e]`` for compact Y (9, N, F)."""
+    """``out[:, i] = sum_{e: dst_e = i} factors[group_e, part] * Y[:, src_e]`` for compact Y (9, N, F)."""
 
     @staticmethod
-    def forward(ctx, Y, factors, src, dst, num_nodes):
+    def forward(ctx, Y, factors, src, dst, group, num_nodes):
         out = Y.new_zeros(9, num_nodes, Y.shape[2])
-        step = _edge_chunk(Y.shape[2])
-        for start in range(0, src.shape[0], step):
-            s, d = src[start:start + step], dst[start:start + step]
-            out.index_add_(1, d, _scale_parts_(Y.index_select(1, s), factors[start:start + step]))
-        ctx.save_for_backward(Y, factors, src, dst)
+        for start, stop in _chunks(src.shape[0], Y.shape[2]):
+            values = _scale_parts_(Y.index_select(1, src[start:stop]), _take_factors(factors, group, start, stop))
+            out.index_add_(1, dst[start:stop], values)
+        ctx.save_for_backward(Y, factors, src, dst, group)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        Y, factors, src, dst = ctx.saved_tensors
+        Y, factors, src, dst, group = ctx.saved_tensors
         need_y, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_y = torch.zeros_like(Y) if need_y else None
-        grad_f = torch.empty_like(factors) if need_f else None
-        step = _edge_chunk(Y.shape[2])
+        grad_f = torch.zeros_like(factors) if need_f else None
         grad_out = grad_out.contiguous()
-        for start in range(0, src.shape[0], step):
-            stop = start + step
-            s, d = src[start:stop], dst[start:stop]
-            g = grad_out.index_select(1, d)
+        for start, stop in _chunks(src.shape[0], Y.shape[2]):
+            s = src[start:stop]
+            g = grad_out.index_select(1, dst[start:stop])
             if need_f:
-                grad_f[start:stop] = _sum_parts(g * Y.index_select(1, s))
+                _accumulate_factor_grad(grad_f, _sum_parts(g * Y.index_select(1, s)), group, start, stop)
             if need_y:
-                grad_y.index_add_(1, s, _scale_parts_(g, factors[start:stop]))
-        return grad_y, grad_f, None, None, None
+                grad_y.index_add_(1, s, _scale_parts_(g, _take_factors(factors, group, start, stop)))
+        return grad_y, grad_f, None, None, None, None
 
 
 class _GeometricMessages(torch.autograd.Function):
-    """``out[c, i] = sum_{e: dst_e = i} geometry[c, e] * factors[e, part(c)]``: geometry (9, E), factors (E, 3, F)."""
+    """``out[c, i] = sum_{e: dst_e = i} geometry[c, e] * radial[group_e, part(c)] * pair[pair_index_e]``.
+
+    geometry (9, E); radial (G, 3, F) per group of reverse edges; pair (T, F) per (centre, neighbour) species.
+    """
 
     @staticmethod
-    def forward(ctx, geometry, factors, dst, num_nodes):
-        out = factors.new_zeros(9, num_nodes, factors.shape[2])
-        index = torch.tensor(PART_INDEX, device=factors.device)
-        step = _edge_chunk(factors.shape[2])
-        for start in range(0, dst.shape[0], step):
-            stop = start + step
-            values = factors[start:stop].index_select(1, index).transpose(0, 1) * geometry[:, start:stop, None]
+    def forward(ctx, geometry, radial, pair, group, pair_index, dst, num_nodes):
+        out = radial.new_zeros(9, num_nodes, radial.shape[2])
+        index = torch.tensor(PART_INDEX, device=radial.device)
+        for start, stop in _chunks(dst.shape[0], radial.shape[2]):
+            f = _take_factors(radial, group, start, stop) * pair.index_select(0, pair_index[start:stop])[:, None]
+            values = f.index_select(1, index).transpose(0, 1) * geometry[:, start:stop, None]
             out.index_add_(1, dst[start:stop], values)
-        ctx.save_for_backward(geometry, factors, dst)
+        ctx.save_for_backward(geometry, radial, pair, group, pair_index, dst)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        geometry, factors, dst = ctx.saved_tensors
-        need_g, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        geometry, radial, pair, group, pair_index, dst = ctx.saved_tensors
+        need_g, need_r, need_p = ctx.needs_input_grad[:3]
         grad_g = torch.empty_like(geometry) if need_g else None
-        grad_f = torch.empty_like(factors) if need_f else None
-        index = torch.tensor(PART_INDEX, device=factors.device)
-        step = _edge_chunk(factors.shape[2])
+        grad_r = torch.zeros_like(radial) if need_r else None
+        grad_p = torch.zeros_like(pair) if need_p else None
+        index = torch.tensor(PART_INDEX, device=radial.device)
         grad_out = grad_out.contiguous()
-        for start in range(0, dst.shape[0], step):
-            stop = start + step
+        for start, stop in _chunks(dst.shape[0], radial.shape[2]):
             g = grad_out.index_select(1, dst[start:stop])                      # (9, C, F)
+            r = _take_factors(radial, group, start, stop)                      # (C, 3, F)
+            p = pair.index_select(0, pair_index[start:stop])[:, None]          # (C, 1, F)
             if need_g:
-                f = factors[start:stop].index_select(1, index).transpose(0, 1)  # (9, C, F)
-                grad_g[:, start:stop] = (g * f).sum(-1)
-            if need_f:
-                grad_f[start:stop] = _sum_parts(g * geometry[:, start:stop, None])
-        return grad_g, grad_f, None, None
+                grad_g[:, start:stop] = (g * (r * p).index_select(1, index).transpose(0, 1)).sum(-1)
+            if need_r or need_p:
+                gf = _sum_parts(g * geometry[:, start:stop, None])             # d out / d factor, (C, 3, F)
+                if need_r:
+                    _accumulate_factor_grad(grad_r, gf * p, group, start, stop)
+                if need_p:
+                    grad_p.index_add_(0, pair_index[start:stop], (gf * r).sum(1))
+        return grad_g, grad_r, grad_p, None, None, None, None
 
 
 def neighbour_messages(Y: torch.Tensor, factors: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                       num_nodes: int, fused: bool = True) -> torch.Tensor:
+                       num_nodes: int, group: Optional[torch.Tensor] = None, fused: bool = True) -> torch.Tensor:
     """Sum over edges of per-part factors times the neighbour's compact tensor, at the centre.
 
-    Y (9, N, F) compact node tensors; factors (E, 3, F); src / dst (E,) neighbour / centre -> (9, N, F).
-    ``fused=True``: chunked, memory-lean, first-order differentiable only; ``False``: plain autograd ops.
+    Y (9, N, F) compact node tensors; src / dst (E,) neighbour / centre; factors (E, 3, F), or (G, 3, F) per
+    group of edges with ``group`` (E,) the group of each edge (reverse edges share distance-only factors)
+    -> (9, N, F). ``fused=True``: chunked, memory-lean, first-order differentiable only; ``False``: plain
+    autograd ops.
     """
     if fused:
-        return _NeighbourMessages.apply(Y, factors, src, dst, num_nodes)
+        return _NeighbourMessages.apply(Y, factors, src, dst, group, num_nodes)
+    if group is not None:
+        factors = factors.index_select(0, group)
     out = []
     for part, values in zip(factors.unbind(1), Y.split([1, 3, 5], 0)):
         values = values.index_select(1, src) * part
@@ -227,14 +258,16 @@ def neighbour_messages(Y: torch.Tensor, factors: torch.Tensor, src: torch.Tensor
     return torch.cat(out, 0)
 
 
-def geometric_messages(geometry: torch.Tensor, factors: torch.Tensor, dst: torch.Tensor, num_nodes: int,
-                       fused: bool = True) -> torch.Tensor:
-    """Sum over edges of per-edge geometric components times per-part factors, at the centre.
+def geometric_messages(geometry: torch.Tensor, radial: torch.Tensor, pair: torch.Tensor, group: torch.Tensor,
+                       pair_index: torch.Tensor, dst: torch.Tensor, num_nodes: int, fused: bool = True) -> torch.Tensor:
+    """Sum over edges of geometric components times per-part factors ``radial[group] * pair[pair_index]``.
 
-    geometry (9, E) compact components of each edge's tensor; factors (E, 3, F) -> (9, N, F).
+    geometry (9, E) compact components of each edge's tensor; radial (G, 3, F) distance-only factors per group of
+    reverse edges, group (E,); pair (T, F) species-pair factors, pair_index (E,); dst (E,) centres -> (9, N, F).
     """
     if fused:
-        return _GeometricMessages.apply(geometry, factors, dst, num_nodes)
+        return _GeometricMessages.apply(geometry, radial, pair, group, pair_index, dst, num_nodes)
+    factors = radial.index_select(0, group) * pair.index_select(0, pair_index)[:, None]
     out = []
     for part, values in zip(factors.unbind(1), geometry.split([1, 3, 5], 0)):
         values = values[:, :, None] * part
