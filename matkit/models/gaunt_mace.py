@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..nn.envelopes import PolynomialEnvelope
-from ..nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, IrrepsLinear, ScaledSiLU,
+from ..nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, IrrepsLinear, NeighbourSlots, ScaledSiLU,
                               SpeciesIrrepsLinear, spherical_harmonics)
 from ..nn.radial_bessel import BesselBasis
 from .base import Potential, register
@@ -57,9 +57,9 @@ class GauntMACELayer(nn.Module):
         self.product = GauntManyBodyProduct(num_channels, max_ell, lmax_out, correlation, num_species)
         self.linear = IrrepsLinear(num_channels, num_channels, lmax_out)
 
-    def forward(self, h, species, edge_radial, edge_sh, edge_index):
+    def forward(self, h, species, edge_radial, edge_sh, slots):
         sc = self.self_connection(h, species)
-        a = self.interaction(h, edge_radial, edge_sh, edge_index)
+        a = self.interaction(h, edge_radial, edge_sh, slots)
         out = self.linear(self.product(a, species))
         if sc.shape[1] < out.shape[1]:
             return torch.cat([out[:, : sc.shape[1]] + sc, out[:, sc.shape[1]:]], dim=1)
@@ -126,8 +126,9 @@ class GauntMACE(Potential):
     def raw_atomic_energies(self, graph, species, edge_vec):
         edge_radial, edge_sh = self.edge_features(edge_vec)
         h = self.embedding[species].unsqueeze(1).to(edge_vec.dtype)  # (N, 1, C)
+        slots = NeighbourSlots(graph.edge_index, species.shape[0], edge_sh)
         energy = edge_vec.new_zeros(species.shape[0])
         for layer, readout in zip(self.layers, self.readouts):
-            h = layer(h, species, edge_radial, edge_sh, graph.edge_index)
+            h = layer(h, species, edge_radial, edge_sh, slots)
             energy = energy + readout(h[:, 0]).squeeze(-1)
         return energy

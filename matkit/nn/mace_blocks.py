@@ -22,7 +22,7 @@ from e3nn import o3
 from torch import nn
 
 __all__ = ["S2Grid", "grid_size_for_degree", "degree_of_coefficient", "gaunt_product", "gaunt_powers",
-           "IrrepsLinear", "SpeciesIrrepsLinear", "RadialMLP", "GauntManyBodyProduct", "GauntInteraction",
+           "IrrepsLinear", "SpeciesIrrepsLinear", "RadialMLP", "NeighbourSlots", "GauntManyBodyProduct", "GauntInteraction",
            "ScaledSiLU"]
 
 
@@ -209,6 +209,33 @@ class SpeciesIrrepsLinear(nn.Module):
         return out
 
 
+class NeighbourSlots:
+    """Edges grouped by their centre atom into padded slots (N, M) for batched per-node contractions.
+
+    src, dst : (E,) neighbour and centre of each edge (``edge_index[0]``, ``edge_index[1]``).
+    ``flat`` (E,) is ``dst * M + rank of the edge among the edges of dst``; M = the largest neighbour count.
+    ``sh_transposed`` (N, K, M): the edge SH placed in the slots (zeros in empty slots).
+    """
+
+    def __init__(self, edge_index: torch.Tensor, num_nodes: int, edge_sh: torch.Tensor):
+        self.src, self.dst = edge_index[0], edge_index[1]
+        self.num_nodes = num_nodes
+        num_edges = self.dst.shape[0]
+        counts = torch.bincount(self.dst, minlength=num_nodes)
+        self.max_neighbours = int(counts.max()) if num_edges else 0
+        order = torch.argsort(self.dst, stable=True)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(self.dst)
+        rank[order] = torch.arange(num_edges, device=self.dst.device) - first[self.dst[order]]
+        self.flat = self.dst * self.max_neighbours + rank
+        self.sh_transposed = self.pad(edge_sh).transpose(1, 2)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(E, F) per-edge rows -> (N, M, F) with zeros in empty slots (differentiable, out of place)."""
+        padded = x.new_zeros(self.num_nodes * self.max_neighbours, x.shape[1]).index_copy(0, self.flat, x)
+        return padded.view(self.num_nodes, self.max_neighbours, x.shape[1])
+
+
 class GauntManyBodyProduct(nn.Module):
     """MACE's product basis with the symmetric contraction replaced by Gaunt self-products on the S^2 grid.
 
@@ -272,43 +299,46 @@ class GauntInteraction(nn.Module):
             degree = lmax_h + max_ell + lmax_a
             self.grid_h = S2Grid(lmax_h, lmax_a, degree)
             self.grid_y = S2Grid(max_ell, lmax_a, degree)
-        self.register_buffer("degree_y", degree_of_coefficient(max_ell)[: num_coefficients(min(max_ell, lmax_a))],
-                             persistent=False)
 
-    def scalar_message(self, h_up, r2, edge_sh, src, dst):
-        """MACE message for scalar node features: A[i, lm, c] = sum_e h_j[c] R2[e, l, c] Y_lm(e)."""
-        k = self.degree_y.shape[0]
-        hr = h_up[:, 0].index_select(0, src).unsqueeze(1) * r2  # (E, L_Y+1, C)
-        message = hr[:, self.degree_y] * edge_sh[:, :k, None]  # (E, K_A, C)
-        out = message.new_zeros(h_up.shape[0], k, self.num_channels)
-        out = out.index_add(0, dst, message)
-        if k < num_coefficients(self.lmax_a):  # lmax_a > max_ell: nothing reaches the higher degrees
-            out = torch.cat([out, out.new_zeros(out.shape[0], num_coefficients(self.lmax_a) - k, out.shape[2])], 1)
-        return out
+    def scalar_message(self, h_up, r2, slots: "NeighbourSlots"):
+        """MACE message for scalar node features: A[i, lm, c] = sum_{e into i} h_j[c] R2[e, l, c] Y_lm(e).
+
+        Computed as one batched matrix product per node over its padded neighbour slots,
+        ``Y_pad^T (N, K, M) @ W_pad (N, M, (L+1) C)``, keeping the diagonal degree blocks; this never
+        materialises the (E, K, C) per-edge messages.
+        """
+        n_l = self.max_ell + 1
+        weighted = h_up[:, 0].index_select(0, slots.src).unsqueeze(1) * r2  # (E, L_Y+1, C)
+        padded = slots.pad(weighted.reshape(weighted.shape[0], n_l * self.num_channels))  # (N, M, (L_Y+1) C)
+        out = torch.matmul(slots.sh_transposed, padded).view(padded.shape[0], -1, n_l, self.num_channels)
+        lmax = min(self.max_ell, self.lmax_a)
+        a = torch.cat([out[:, l * l:(l + 1) ** 2, l] for l in range(lmax + 1)], dim=1)
+        if self.lmax_a > self.max_ell:  # nothing reaches the higher degrees
+            a = torch.cat([a, a.new_zeros(a.shape[0], num_coefficients(self.lmax_a) - a.shape[1], a.shape[2])], 1)
+        return a
 
     def grid_message(self, h_up, r1, r2, edge_sh, src, dst):
         """Gaunt message for equivariant node features, summed over edges on the grid, projected per node."""
         grid_h, grid_y = self.grid_h, self.grid_y
         to_grid_h, to_grid_y = grid_h.to_grid_matrix(h_up.dtype), grid_y.to_grid_matrix(h_up.dtype)
-        # grid function of each degree block of h_up, once per node: (N, L_h+1, G, C)
-        h_blocks = torch.stack([torch.matmul(to_grid_h[:, l * l:(l + 1) ** 2], h_up[:, l * l:(l + 1) ** 2])
-                                for l in range(self.lmax_h + 1)], dim=1)
-        h_edge = (r1.unsqueeze(2) * h_blocks.index_select(0, src)).sum(dim=1)  # (E, G, C)
+        # h_j weighted per (degree l1, channel) in SH space, then put on the grid: (E, G, C)
+        degree_h = degree_of_coefficient(self.lmax_h).to(h_up.device)
+        h_edge = torch.matmul(to_grid_h, r1[:, degree_h] * h_up.index_select(0, src))
         # grid function of each degree block of Y_e: (E, L_Y+1, G); Y weighted per (l2, c): (E, G, C)
         y_blocks = torch.stack([torch.matmul(edge_sh[:, l * l:(l + 1) ** 2], to_grid_y[:, l * l:(l + 1) ** 2].T)
                                 for l in range(self.max_ell + 1)], dim=1)
         y_edge = torch.matmul(y_blocks.transpose(1, 2), r2)  # (E, G, L_Y+1) @ (E, L_Y+1, C)
-        summed = (h_edge * y_edge).new_zeros(h_up.shape[0], grid_h.num_points, self.num_channels)
-        summed = summed.index_add(0, dst, h_edge * y_edge)
+        product = h_edge * y_edge
+        summed = product.new_zeros(h_up.shape[0], grid_h.num_points, self.num_channels).index_add(0, dst, product)
         return grid_h.from_grid_values(summed)
 
-    def forward(self, h, edge_radial, edge_sh, edge_index):
-        src, dst = edge_index[0], edge_index[1]
+    def forward(self, h, edge_radial, edge_sh, slots: "NeighbourSlots"):
+        src, dst = slots.src, slots.dst
         h_up = self.linear_up(h)
         weights = self.radial(edge_radial).view(edge_radial.shape[0], self.num_radial_out, self.num_channels)
         r2 = weights[:, : self.max_ell + 1]
         if self.lmax_h == 0:
-            a = self.scalar_message(h_up, r2, edge_sh, src, dst)
+            a = self.scalar_message(h_up, r2, slots)
         else:
             a = self.grid_message(h_up, weights[:, self.max_ell + 1:], r2, edge_sh, src, dst)
         return self.linear(a) / self.avg_num_neighbors
