@@ -126,7 +126,7 @@ class GauntMACE(Potential):
     def raw_atomic_energies(self, graph, species, edge_vec):
         edge_radial, edge_sh = self.edge_features(edge_vec)
         h = self.embedding[species].unsqueeze(1).to(edge_vec.dtype)  # (N, 1, C)
-        slots = NeighbourSlots(graph.edge_index, species.shape[0], edge_sh)
+        slots = NeighbourSlots(graph.edge_index, species.shape[0], edge_sh, edge_radial)
         energy = edge_vec.new_zeros(species.shape[0])
         for layer, readout in zip(self.layers, self.readouts):
             h = layer(h, species, edge_radial, edge_sh, slots)

@@ -132,13 +132,16 @@ def gaunt_powers(a: torch.Tensor, grid: S2Grid, correlation: int, scale: float =
     Returns (N, correlation, K_out, C). Equal to repeated two-body Gaunt products without truncation of
     the intermediate powers (the grid represents the degree-nu*lmax_in powers exactly).
     """
-    f = grid.to_grid_values(a)
+    n, k, c = a.shape
+    columns = a.transpose(0, 1).reshape(k, n * c)  # one matrix product for all nodes and channels
+    f = torch.matmul(grid.to_grid_matrix(a.dtype), columns)  # (G, N C)
     if scale != 1.0:
         f = f * scale
     powers = [f]
     for _ in range(correlation - 1):
         powers.append(powers[-1] * f)
-    return grid.from_grid_values(torch.stack(powers, dim=1))
+    projected = torch.matmul(grid.from_grid_matrix(a.dtype), torch.stack(powers, dim=1).view(f.shape[0], -1))
+    return projected.view(-1, correlation, n, c).permute(2, 1, 0, 3)  # (K_out, nu, N, C) -> (N, nu, K_out, C)
 
 
 class ScaledSiLU(nn.Module):
@@ -217,7 +220,8 @@ class NeighbourSlots:
     ``sh_transposed`` (N, K, M): the edge SH placed in the slots (zeros in empty slots).
     """
 
-    def __init__(self, edge_index: torch.Tensor, num_nodes: int, edge_sh: torch.Tensor):
+    def __init__(self, edge_index: torch.Tensor, num_nodes: int, edge_sh: torch.Tensor,
+                 edge_radial: torch.Tensor):
         self.src, self.dst = edge_index[0], edge_index[1]
         self.num_nodes = num_nodes
         num_edges = self.dst.shape[0]
@@ -228,7 +232,10 @@ class NeighbourSlots:
         rank = torch.empty_like(self.dst)
         rank[order] = torch.arange(num_edges, device=self.dst.device) - first[self.dst[order]]
         self.flat = self.dst * self.max_neighbours + rank
-        self.sh_transposed = self.pad(edge_sh).transpose(1, 2)
+        self.sh_transposed = self.pad(edge_sh).transpose(1, 2)  # (N, K, M)
+        self.radial_padded = self.pad(edge_radial)  # (N, M, num_radial); zero rows in empty slots
+        # neighbour index of each slot (0 in empty slots: their radial weights are exactly zero)
+        self.src_padded = self.src.new_zeros(num_nodes * self.max_neighbours).index_copy(0, self.flat, self.src)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(E, F) per-edge rows -> (N, M, F) with zeros in empty slots (differentiable, out of place)."""
@@ -303,16 +310,17 @@ class GauntInteraction(nn.Module):
     def scalar_message(self, h_up, r2, slots: "NeighbourSlots"):
         """MACE message for scalar node features: A[i, lm, c] = sum_{e into i} h_j[c] R2[e, l, c] Y_lm(e).
 
-        Computed as one batched matrix product per node over its padded neighbour slots,
-        ``Y_pad^T (N, K, M) @ W_pad (N, M, (L+1) C)``, keeping the diagonal degree blocks; this never
-        materialises the (E, K, C) per-edge messages.
+        Works on padded neighbour slots: r2 (N, M, L_Y+1, C) comes from the radial MLP applied to the padded
+        radial features (zero in empty slots, as the MLP has no biases), and each degree block is one batched
+        matrix product ``Y_pad_l^T (N, 2l+1, M) @ W_pad_l (N, M, C)``; the (E, K, C) per-edge messages are
+        never materialised.
         """
-        n_l = self.max_ell + 1
-        weighted = h_up[:, 0].index_select(0, slots.src).unsqueeze(1) * r2  # (E, L_Y+1, C)
-        padded = slots.pad(weighted.reshape(weighted.shape[0], n_l * self.num_channels))  # (N, M, (L_Y+1) C)
-        out = torch.matmul(slots.sh_transposed, padded).view(padded.shape[0], -1, n_l, self.num_channels)
+        n, m = r2.shape[0], r2.shape[1]
+        h_neighbour = h_up[:, 0].index_select(0, slots.src_padded).view(n, m, 1, self.num_channels)
+        weighted = (r2 * h_neighbour).unbind(dim=2)  # L_Y+1 tensors (N, M, C); unbind's backward is one stack
         lmax = min(self.max_ell, self.lmax_a)
-        a = torch.cat([out[:, l * l:(l + 1) ** 2, l] for l in range(lmax + 1)], dim=1)
+        a = torch.cat([torch.matmul(slots.sh_transposed[:, l * l:(l + 1) ** 2], weighted[l])
+                       for l in range(lmax + 1)], dim=1)
         if self.lmax_a > self.max_ell:  # nothing reaches the higher degrees
             a = torch.cat([a, a.new_zeros(a.shape[0], num_coefficients(self.lmax_a) - a.shape[1], a.shape[2])], 1)
         return a
@@ -333,12 +341,15 @@ class GauntInteraction(nn.Module):
         return grid_h.from_grid_values(summed)
 
     def forward(self, h, edge_radial, edge_sh, slots: "NeighbourSlots"):
-        src, dst = slots.src, slots.dst
+        """h (N, K_h, C), edge_radial (E, num_radial), edge_sh (E, K_Y) -> A (N, (lmax_a+1)^2, C)."""
         h_up = self.linear_up(h)
-        weights = self.radial(edge_radial).view(edge_radial.shape[0], self.num_radial_out, self.num_channels)
-        r2 = weights[:, : self.max_ell + 1]
         if self.lmax_h == 0:
-            a = self.scalar_message(h_up, r2, slots)
+            padded = slots.radial_padded
+            weights = self.radial(padded).view(padded.shape[0], padded.shape[1], self.num_radial_out,
+                                               self.num_channels)
+            a = self.scalar_message(h_up, weights[:, :, : self.max_ell + 1], slots)
         else:
-            a = self.grid_message(h_up, weights[:, self.max_ell + 1:], r2, edge_sh, src, dst)
+            weights = self.radial(edge_radial).view(edge_radial.shape[0], self.num_radial_out, self.num_channels)
+            a = self.grid_message(h_up, weights[:, self.max_ell + 1:], weights[:, : self.max_ell + 1], edge_sh,
+                                  slots.src, slots.dst)
         return self.linear(a) / self.avg_num_neighbors
