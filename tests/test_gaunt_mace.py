@@ -16,7 +16,8 @@ from sympy.physics.wigner import wigner_3j
 import matkit
 from matkit.graph import atoms_to_graph
 from matkit.nn.envelopes import PolynomialEnvelope
-from matkit.nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, S2Grid, gaunt_powers, gaunt_product,
+from matkit.nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, NeighbourSlots, S2Grid, gaunt_powers,
+                                   gaunt_product,
                                    grid_size_for_degree, sphere_grid, spherical_harmonics)
 from matkit.nn.radial_bessel import BesselBasis
 from model_harness import SPECIES, ModelHarness, periodic_structure
@@ -229,3 +230,29 @@ def test_default_model_runs_on_silicon():
     out = model.compute(atoms_to_graph(atoms, model.cutoff), forces=True, stress=True)
     assert out["forces"].dtype == torch.float32 and torch.isfinite(out["stress"]).all()
     assert model.hparams["hidden_lmax"] == 2 and model.hparams["max_ell"] == 3
+
+
+def test_scalar_message_equals_edge_sum():
+    """The padded-slot batched product equals the plain sum over edges of h_j R[e, l, c] Y_lm(e)."""
+    torch.manual_seed(5)
+    channels, max_ell = 3, 3
+    block = GauntInteraction(channels, 0, max_ell, max_ell, num_radial=4, radial_mlp=[8],
+                             avg_num_neighbors=1.0).double()
+    n, e = 5, 13
+    edge_index = torch.stack([torch.randint(0, n, (e,)), torch.tensor([0, 0, 0, 1, 3, 3, 0, 1, 3, 3, 3, 0, 1])])
+    vec = torch.randn(e, 3, dtype=torch.float64)
+    sh = spherical_harmonics(max_ell, vec)
+    radial = torch.rand(e, 4, dtype=torch.float64)
+    slots = NeighbourSlots(edge_index, n, sh, radial)
+    assert slots.max_neighbours == 5
+    h_up = torch.randn(n, 1, channels, dtype=torch.float64)
+    r2 = block.radial(slots.radial_padded).view(n, slots.max_neighbours, -1, channels)
+    ours = block.scalar_message(h_up, r2, slots)
+    weights = block.radial(radial).view(e, -1, channels)
+    degree = torch.cat([torch.full((2 * l + 1,), l) for l in range(max_ell + 1)])
+    ref = torch.zeros(n, (max_ell + 1) ** 2, channels, dtype=torch.float64)
+    for k in range(e):
+        j, i = edge_index[:, k].tolist()
+        ref[i] += h_up[j, 0] * weights[k][degree] * sh[k][:, None]
+    np.testing.assert_allclose(ours.detach().numpy(), ref.detach().numpy(), atol=1e-12)
+    assert ours[2].abs().max() == 0 and ours[4].abs().max() == 0  # atoms without neighbours
