@@ -29,6 +29,13 @@ class TestGauntMACE(ModelHarness):
                    radial_mlp=[16, 16], avg_num_neighbors=8.0)
 
 
+class TestGauntMACESharedYWeights(ModelHarness):
+    """Channel-shared edge-SH weights in the l > 0 layers (the batched-matrix-product message)."""
+    model_name = "gaunt_mace"
+    hparams = dict(num_channels=8, max_ell=2, hidden_lmax=1, correlation=2, num_interactions=3, num_bessel=6,
+                   radial_mlp=[16], avg_num_neighbors=8.0, channelwise_y_weights=False)
+
+
 class TestGauntMACEScalarHidden(ModelHarness):
     """The MACE-MP 'small' shape (scalar hidden features, max_ell 3): only the scalar message path."""
     model_name = "gaunt_mace"
@@ -173,6 +180,18 @@ def test_grid_message_equals_per_edge_gaunt_products():
         y = (r2[k][deg_y] * sh[k][:, None]).T  # (C, K_Y)
         ref[dst[k]] += e3nn_gaunt_product(x, y, lmax_h, max_ell, max_ell).T
     np.testing.assert_allclose(ours.numpy(), ref.numpy(), atol=1e-11)
+
+    # channel-shared Y weights on padded slots: the same reference with R2 equal for every channel
+    slots = NeighbourSlots(torch.stack([src, dst]), n, sh, torch.zeros(e, 4, dtype=torch.float64))
+    r2_shared = r2[:, :, 0]
+    pad = lambda x: slots.pad(x.reshape(e, -1)).view(n, slots.max_neighbours, *x.shape[1:])  # noqa: E731
+    shared = block.shared_y_grid_message(h_up, pad(r1), pad(r2_shared), slots)
+    ref = torch.zeros(n, (max_ell + 1) ** 2, channels, dtype=torch.float64)
+    for k in range(e):
+        x = (r1[k][deg_h] * h_up[src[k]]).T
+        y = (r2_shared[k][deg_y] * sh[k]).expand(channels, -1)
+        ref[dst[k]] += e3nn_gaunt_product(x, y, lmax_h, max_ell, max_ell).T
+    np.testing.assert_allclose(shared.numpy(), ref.numpy(), atol=1e-11)
 
 
 def test_bessel_and_envelope_match_closed_forms():

@@ -48,12 +48,12 @@ class GauntMACELayer(nn.Module):
     """One interaction + product-basis layer: h (N, K_in, C) -> h' (N, K_out, C)."""
 
     def __init__(self, num_channels, lmax_in, lmax_out, max_ell, correlation, num_species, num_bessel,
-                 radial_mlp, avg_num_neighbors):
+                 radial_mlp, avg_num_neighbors, channelwise_y_weights=True):
         super().__init__()
         self.lmax_in, self.lmax_out = lmax_in, lmax_out
         self.self_connection = SpeciesIrrepsLinear(num_channels, num_channels, min(lmax_in, lmax_out), num_species)
         self.interaction = GauntInteraction(num_channels, lmax_in, max_ell, max_ell, num_bessel, radial_mlp,
-                                            avg_num_neighbors)
+                                            avg_num_neighbors, channelwise_y_weights)
         self.product = GauntManyBodyProduct(num_channels, max_ell, lmax_out, correlation, num_species)
         self.linear = IrrepsLinear(num_channels, num_channels, lmax_out)
 
@@ -81,12 +81,16 @@ class GauntMACE(Potential):
     radial_mlp : hidden sizes of the radial MLP ([64, 64, 64]).
     readout_hidden : width of the last layer's MLP readout (16).
     avg_num_neighbors : message normalisation (20.0; set it to the training set's mean neighbour count).
+    channelwise_y_weights : in layers whose input features have l > 0, weight the degree-l2 blocks of the edge
+        SH per (l2, channel) (True, more expressive) or per l2 only, shared by the channels (False: the
+        message becomes one batched matrix product per atom, ~3-5x less memory and faster on large systems).
+        The first layer (scalar input) always uses per-(l2, channel) weights, exactly as MACE.
     """
 
     def __init__(self, species: Sequence[int] = (1, 6, 8), cutoff: float = 5.0, num_channels: int = 128,
                  max_ell: int = 3, hidden_lmax: int = 2, correlation: int = 3, num_interactions: int = 2,
                  num_bessel: int = 8, envelope_p: int = 5, radial_mlp: Sequence[int] = (64, 64, 64),
-                 readout_hidden: int = 16, avg_num_neighbors: float = 20.0):
+                 readout_hidden: int = 16, avg_num_neighbors: float = 20.0, channelwise_y_weights: bool = True):
         super().__init__(species=species, cutoff=cutoff)
         if num_interactions < 1 or num_channels < 1 or max_ell < 0 or hidden_lmax < 0 or correlation < 1:
             raise ValueError("gaunt_mace needs num_interactions >= 1, num_channels >= 1, max_ell >= 0, "
@@ -104,7 +108,7 @@ class GauntMACE(Potential):
             last = t == num_interactions - 1
             lmax_out = 0 if last else int(hidden_lmax)
             layers.append(GauntMACELayer(num_channels, lmax_in, lmax_out, max_ell, correlation, self.num_species,
-                                         num_bessel, list(radial_mlp), avg_num_neighbors))
+                                         num_bessel, list(radial_mlp), avg_num_neighbors, channelwise_y_weights))
             if last:
                 readouts.append(nn.Sequential(nn.Linear(num_channels, readout_hidden, bias=False), ScaledSiLU(),
                                               nn.Linear(readout_hidden, 1, bias=False)))

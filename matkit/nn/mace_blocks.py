@@ -140,8 +140,8 @@ def gaunt_powers(a: torch.Tensor, grid: S2Grid, correlation: int, scale: float =
     powers = [f]
     for _ in range(correlation - 1):
         powers.append(powers[-1] * f)
-    projected = torch.matmul(grid.from_grid_matrix(a.dtype), torch.stack(powers, dim=1).view(f.shape[0], -1))
-    return projected.view(-1, correlation, n, c).permute(2, 1, 0, 3)  # (K_out, nu, N, C) -> (N, nu, K_out, C)
+    projected = torch.matmul(grid.from_grid_matrix(a.dtype), torch.stack(powers, dim=1).view(f.shape[0], correlation * n * c))
+    return projected.view(projected.shape[0], correlation, n, c).permute(2, 1, 0, 3)  # (K_out, nu, N, C) -> (N, nu, K_out, C)
 
 
 class ScaledSiLU(nn.Module):
@@ -293,14 +293,18 @@ class GauntInteraction(nn.Module):
     """
 
     def __init__(self, num_channels: int, lmax_h: int, max_ell: int, lmax_a: int, num_radial: int,
-                 radial_mlp: Sequence[int], avg_num_neighbors: float):
+                 radial_mlp: Sequence[int], avg_num_neighbors: float, channelwise_y_weights: bool = True):
         super().__init__()
         self.num_channels, self.lmax_h, self.max_ell, self.lmax_a = num_channels, lmax_h, max_ell, lmax_a
         self.avg_num_neighbors = float(avg_num_neighbors)
+        self.channelwise_y_weights = bool(channelwise_y_weights) or lmax_h == 0
         self.linear_up = IrrepsLinear(num_channels, num_channels, lmax_h)
-        n_radial_out = (max_ell + 1) + (lmax_h + 1 if lmax_h > 0 else 0)
+        if self.channelwise_y_weights:
+            n_radial_out = ((max_ell + 1) + (lmax_h + 1 if lmax_h > 0 else 0)) * num_channels
+        else:
+            n_radial_out = (lmax_h + 1) * num_channels + (max_ell + 1)
         self.num_radial_out = n_radial_out
-        self.radial = RadialMLP([num_radial, *radial_mlp, n_radial_out * num_channels])
+        self.radial = RadialMLP([num_radial, *radial_mlp, n_radial_out])
         self.linear = IrrepsLinear(num_channels, num_channels, lmax_a)
         if lmax_h > 0:
             degree = lmax_h + max_ell + lmax_a
@@ -340,16 +344,43 @@ class GauntInteraction(nn.Module):
         summed = product.new_zeros(h_up.shape[0], grid_h.num_points, self.num_channels).index_add(0, dst, product)
         return grid_h.from_grid_values(summed)
 
+    def shared_y_grid_message(self, h_up, r1, r2, slots: "NeighbourSlots"):
+        """Gaunt message with Y weights shared by all channels (``channelwise_y_weights=False``).
+
+        r1 (N, M, L_h+1, C), r2 (N, M, L_Y+1) on padded neighbour slots. With the weighted Y_e on the grid,
+        ``y (N, M, G)``, and ``W[i, s, k1, c] = R1[l1(k1), c] h_up[j(i,s), k1, c]``, the summed grid message is
+        ``sum_k1 T[g, k1] (y^T @ W)[i, g, k1, c]``: one batched matrix product per node, and no (E, G, C) tensor.
+        """
+        n, m = r1.shape[0], r1.shape[1]
+        to_grid_h = self.grid_h.to_grid_matrix(h_up.dtype)  # (G, K_h)
+        to_grid_y = self.grid_y.to_grid_matrix(h_up.dtype)  # (G, K_Y)
+        degree_y = degree_of_coefficient(self.max_ell).to(h_up.device)
+        degree_h = degree_of_coefficient(self.lmax_h).to(h_up.device)
+        sh = slots.sh_transposed.transpose(1, 2)  # (N, M, K_Y)
+        y_grid = torch.matmul(sh * r2[:, :, degree_y], to_grid_y.T)  # (N, M, G)
+        k_h = to_grid_h.shape[1]
+        h_neighbour = h_up.index_select(0, slots.src_padded).view(n, m, k_h, self.num_channels)
+        weighted = (r1[:, :, degree_h] * h_neighbour).view(n, m, k_h * self.num_channels)
+        summed = torch.matmul(y_grid.transpose(1, 2), weighted).view(n, self.grid_h.num_points, k_h, self.num_channels)
+        summed = (summed * to_grid_h.unsqueeze(-1)).sum(dim=2)  # (N, G, C)
+        return self.grid_h.from_grid_values(summed)
+
     def forward(self, h, edge_radial, edge_sh, slots: "NeighbourSlots"):
         """h (N, K_h, C), edge_radial (E, num_radial), edge_sh (E, K_Y) -> A (N, (lmax_a+1)^2, C)."""
         h_up = self.linear_up(h)
+        c = self.num_channels
         if self.lmax_h == 0:
             padded = slots.radial_padded
-            weights = self.radial(padded).view(padded.shape[0], padded.shape[1], self.num_radial_out,
-                                               self.num_channels)
+            weights = self.radial(padded).view(padded.shape[0], padded.shape[1], self.num_radial_out // c, c)
             a = self.scalar_message(h_up, weights[:, :, : self.max_ell + 1], slots)
-        else:
-            weights = self.radial(edge_radial).view(edge_radial.shape[0], self.num_radial_out, self.num_channels)
+        elif self.channelwise_y_weights:
+            weights = self.radial(edge_radial).view(edge_radial.shape[0], self.num_radial_out // c, c)
             a = self.grid_message(h_up, weights[:, self.max_ell + 1:], weights[:, : self.max_ell + 1], edge_sh,
                                   slots.src, slots.dst)
+        else:
+            padded = slots.radial_padded
+            weights = self.radial(padded)
+            n_h = (self.lmax_h + 1) * c
+            r1 = weights[..., :n_h].reshape(padded.shape[0], padded.shape[1], self.lmax_h + 1, c)
+            a = self.shared_y_grid_message(h_up, r1, weights[..., n_h:], slots)
         return self.linear(a) / self.avg_num_neighbors
