@@ -28,8 +28,9 @@ def ours_hparams() -> dict:
                 avg_num_neighbors=AVG_NUM_NEIGHBORS)
 
 
-def make_peer_model(species, dtype="float32"):
-    """A random-weight mace ``ScaleShiftMACE`` of the MP-0 small shape for the atomic numbers ``species``."""
+def make_peer_model(species, dtype="float32", hidden_irreps=f"{NUM_CHANNELS}x0e"):
+    """A random-weight mace ``ScaleShiftMACE`` of the MP-0 small shape for the atomic numbers ``species``
+    (``hidden_irreps="128x0e+128x1o"`` gives the "medium" shape, to compare with ours at ``hidden_lmax=1``)."""
     import mace  # noqa: F401  (import before e3nn: mace sets its torch.load environment)
     import numpy as np
     import torch
@@ -43,15 +44,15 @@ def make_peer_model(species, dtype="float32"):
     model = ScaleShiftMACE(
         r_max=CUTOFF, num_bessel=NUM_BESSEL, num_polynomial_cutoff=ENVELOPE_P, max_ell=MAX_ELL,
         interaction_cls=interaction, interaction_cls_first=interaction, num_interactions=NUM_INTERACTIONS,
-        num_elements=len(species), hidden_irreps=o3.Irreps(f"{NUM_CHANNELS}x0e"),
+        num_elements=len(species), hidden_irreps=o3.Irreps(hidden_irreps),
         MLP_irreps=o3.Irreps(f"{READOUT_HIDDEN}x0e"), atomic_energies=np.zeros(len(species)),
         avg_num_neighbors=AVG_NUM_NEIGHBORS, atomic_numbers=species, correlation=CORRELATION,
         gate=torch.nn.functional.silu, radial_MLP=RADIAL_MLP, atomic_inter_scale=1.0, atomic_inter_shift=0.0)
     return model.to(getattr(torch, dtype)).eval()
 
 
-def make_peer_calculator(species):
+def make_peer_calculator(species, hidden_irreps=f"{NUM_CHANNELS}x0e"):
     from mace.calculators import MACECalculator
 
-    model = make_peer_model(species)
+    model = make_peer_model(species, hidden_irreps=hidden_irreps)
     return MACECalculator(models=model, device="cpu", default_dtype="float32")

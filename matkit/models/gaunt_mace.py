@@ -21,7 +21,16 @@ product of such functions is again one, so the model is exactly O(3)-equivariant
 reflections included). It is *less expressive* than CG-MACE: Gaunt products contain no path with odd
 ``l1 + l2 + l3`` (no cross product 1o x 1o -> 1e, no 1 x 2 -> 2, no pseudo-tensors), the product basis only
 takes powers of one function per channel (no mixing of channels or of paths inside the product), and the
-message path weights are factorised as ``R1[l1, c] R2[l2, c]`` instead of one weight per (l1, l2, l3) path.
+message path weights are factorised as ``R1[l1, c] R2[l2, c]`` (or ``R1[l1, c] R2[l2]`` with
+``channelwise_y_weights=False``) instead of one weight per (l1, l2, l3) path and channel.
+
+Cost: messages into scalar features (the first layer, and every layer when ``hidden_lmax=0``) are MACE's
+``h_j R[l, c] Y_lm`` evaluated as batched matrix products over padded neighbour slots. Messages into l > 0
+features run on an exact S^2 grid of ``G`` points (degree ``hidden_lmax + 2 max_ell``; G = 32 for
+hidden_lmax 1, 45 for 2); with per-channel Y weights this materialises (E, G, C) tensors (memory ~ E G C),
+with channel-shared Y weights it is again one batched matrix product per atom. The many-body product puts A
+on a grid of degree ``correlation * max_ell + hidden_lmax`` once per layer (50 points for l <= 3, nu = 3, scalar
+output) and projects the three powers back with one matrix product.
 
 Defaults follow MACE (r_max 5 Å, 8 Bessel functions, p = 5, radial MLP [64, 64, 64], max_ell 3,
 correlation 3, 2 interactions, 128 channels) with hidden features up to l = 2 (the GTP paper's

@@ -287,8 +287,10 @@ class GauntInteraction(nn.Module):
       message is then exactly MACE's ``h_j R[e,l,c] Y_lm``;
     * ``A_i = Linear(sum_{e into i} m_e) / avg_num_neighbors``.
 
-    For ``lmax_h > 0`` the product runs on an exact S^2 grid: the per-degree grid functions of ``h_up`` are
-    computed once per node, the product is summed over edges on the grid and projected once per node.
+    For ``lmax_h > 0`` the product runs on an exact S^2 grid: per edge, the weighted ``h_up_j`` and the weighted
+    ``Y_e`` are put on the grid and multiplied, the products are summed over edges on the grid and projected
+    once per node. With ``channelwise_y_weights=False`` R2 is shared by all channels (``R2[e, l2]``) and the
+    message becomes one batched matrix product per node (:meth:`shared_y_grid_message`).
     Returns A (N, (lmax_a+1)^2, C).
     """
 
