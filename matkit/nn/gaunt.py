@@ -216,8 +216,12 @@ def gaunt_coefficients(lmax1: int, lmax2: int, lmax3: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Shared machinery for modules holding float64 buffers
+# Shared machinery: float64 buffers cast on use, features-first layout
 # --------------------------------------------------------------------------------------------------------
+#
+# Internally a feature batch is kept "features-first": x_t of shape ((L+1)^2, *batch). All transforms are
+# then plain (batched) matrix products with the large batch as the contiguous last dimension, and grids or
+# Fourier arrays of shape (n1, n2, *batch) broadcast over batch dimensions exactly like the inputs do.
 
 
 class _Transform(torch.nn.Module):
@@ -228,20 +232,39 @@ class _Transform(torch.nn.Module):
         real_dtype = like.real.dtype if like.is_complex() else like.dtype
         return buf.to(device=like.device, dtype=real_dtype)
 
-    @staticmethod
-    def _flatten_features(x: torch.Tensor, lmax: int, name: str) -> tuple[torch.Tensor, torch.Size]:
-        """(..., (lmax+1)^2) -> features-first ((lmax+1)^2, M) view and the batch shape."""
-        if x.shape[-1] != _num_sh(lmax):
-            raise ValueError(f"{name} must have last dimension (L+1)^2 = {_num_sh(lmax)} for L = {lmax}, got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-        batch = x.shape[:-1]
-        return x.reshape(-1, x.shape[-1]).t(), batch
+    def _cbuf(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Complex buffer stored as a real (..., 2) tensor."""
+        return torch.view_as_complex(self._buf(name, like))
+
+
+def _features_first(x: torch.Tensor, lmax: int, name: str) -> torch.Tensor:
+    """Validate x (..., (lmax+1)^2) and return the view ((lmax+1)^2, ...)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() == 0 or x.shape[-1] != _num_sh(lmax):
+        raise ValueError(f"{name} must have last dimension (L+1)^2 = {_num_sh(lmax)} for L = {lmax}, got {tuple(x.shape)}")
+    return x.movedim(-1, 0)
+
+
+def _features_last(x_t: torch.Tensor) -> torch.Tensor:
+    """((L+1)^2, ...) -> contiguous (..., (L+1)^2)."""
+    return x_t.movedim(0, -1).contiguous()
 
 
 def _gather_padded(x_t: torch.Tensor, gather: torch.Tensor) -> torch.Tensor:
-    """Features-first ((L+1)^2, M) -> padded (2L+1, L+1, M)."""
-    return x_t[gather.reshape(-1)].reshape(*gather.shape, x_t.shape[-1])
+    """Features-first ((L+1)^2, *batch) -> padded (2L+1, L+1, M) with M = prod(batch), contiguous."""
+    return x_t[gather.reshape(-1)].reshape(*gather.shape, -1)
+
+
+def _scatter_padded(padded: torch.Tensor, scatter: torch.Tensor, batch: torch.Size) -> torch.Tensor:
+    """Padded (2L+1, L+1, M) -> features-first ((L+1)^2, *batch)."""
+    return padded.reshape(-1, padded.shape[-1])[scatter].reshape(-1, *batch)
+
+
+def _align_batch(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prepend singleton batch dimensions so that features-first views broadcast like the inputs."""
+    nd = max(x1.dim(), x2.dim())
+    return x1.reshape((1,) * (nd - x1.dim()) + x1.shape), x2.reshape((1,) * (nd - x2.dim()) + x2.shape)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -259,8 +282,12 @@ class SphericalGrid(_Transform):
             functions of total degree D onto degree ``lmax_out``, use ``degree = D + lmax_out`` (default:
             ``2 * lmax_in + lmax_out``, the binary product).
 
-    Grid values have shape (..., n_beta, n_alpha). Both maps are linear, cost O(L^3) per feature, and
-    ``from_grid(to_grid(x))`` returns ``x`` truncated to ``lmax_out`` whenever the grid is exact.
+    Public maps: ``to_grid(x (..., (lmax_in+1)^2)) -> (..., n_beta, n_alpha)`` (values f(β_i, α_j)) and
+    ``from_grid((..., n_beta, n_alpha)) -> (..., (lmax_out+1)^2)``. For chained work (products, powers)
+    use the features-first pair ``to_grid_t(((lmax_in+1)^2, *batch)) -> (n_alpha, n_beta, *batch)`` and
+    ``from_grid_t`` (inverse layout), which avoid transposes; grids broadcast over batch dimensions.
+    Both maps are linear and cost O(L^3) per feature; ``from_grid(to_grid(x))`` returns ``x`` truncated
+    to ``lmax_out`` whenever the grid is exact.
     """
 
     def __init__(self, lmax_in: int, lmax_out: int, degree: int | None = None):
@@ -275,45 +302,45 @@ class SphericalGrid(_Transform):
         beta, w_beta = _gauss_legendre_beta(self.n_beta)
         alpha = 2 * math.pi * torch.arange(self.n_alpha, dtype=torch.float64) / self.n_alpha
 
-        # to_grid: padded (b, l, M) --P_in^T--> (b, β, M) --phi_in^T--> (α, β, M)
+        # to_grid: padded (b, l, M) --P_in--> (b, β, M) --phi_in--> (α, β, M)
         self.register_buffer("p_in", _legendre_factors(self.lmax_in, beta).transpose(1, 2).contiguous())  # (b, β, l)
         self.register_buffer("phi_in", _real_fourier_basis(self.lmax_in, alpha).t().contiguous())  # (α, b)
-        gather_in, _ = _padded_layout(self.lmax_in)
-        self.register_buffer("gather_in", gather_in, persistent=False)
+        self.register_buffer("gather_in", _padded_layout(self.lmax_in)[0], persistent=False)
 
         # from_grid: (α, β, M) --phi_out (with α weights)--> (b, β, M) --P_out (β weights / 4π)--> (b, l, M)
         p_out = _legendre_factors(self.lmax_out, beta) * w_beta / (4 * math.pi)
         self.register_buffer("p_out", p_out.contiguous())  # (b, l, β)
         self.register_buffer("phi_out", _real_fourier_basis(self.lmax_out, alpha) * (2 * math.pi / self.n_alpha))
-        _, scatter_out = _padded_layout(self.lmax_out)
-        self.register_buffer("scatter_out", scatter_out, persistent=False)
+        self.register_buffer("scatter_out", _padded_layout(self.lmax_out)[1], persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"lmax_in={self.lmax_in}, lmax_out={self.lmax_out}, degree={self.degree}, grid=({self.n_beta}, {self.n_alpha})"
 
     def to_grid_t(self, x_t: torch.Tensor) -> torch.Tensor:
-        """Features-first ((lmax_in+1)^2, M) -> grid values (n_alpha, n_beta, M)."""
+        """Features-first ((lmax_in+1)^2, *batch) -> grid values (n_alpha, n_beta, *batch)."""
+        batch = x_t.shape[1:]
         padded = _gather_padded(x_t, self.gather_in)  # (b, l, M)
         h = torch.bmm(self._buf("p_in", x_t), padded)  # (b, β, M)
         grid = self._buf("phi_in", x_t) @ h.reshape(h.shape[0], -1)  # (α, β*M)
-        return grid.reshape(self.n_alpha, self.n_beta, -1)
+        return grid.reshape(self.n_alpha, self.n_beta, *batch)
 
     def from_grid_t(self, grid: torch.Tensor) -> torch.Tensor:
-        """Grid values (n_alpha, n_beta, M) -> features-first ((lmax_out+1)^2, M)."""
-        m = grid.shape[-1]
+        """Grid values (n_alpha, n_beta, *batch) -> features-first ((lmax_out+1)^2, *batch)."""
+        batch = grid.shape[2:]
         h = self._buf("phi_out", grid) @ grid.reshape(self.n_alpha, -1)  # (b, β*M)
-        padded = torch.bmm(self._buf("p_out", grid), h.reshape(-1, self.n_beta, m))  # (b, l, M)
-        return padded.reshape(-1, m)[self.scatter_out]
+        padded = torch.bmm(self._buf("p_out", grid), h.reshape(h.shape[0], self.n_beta, -1))  # (b, l, M)
+        return _scatter_padded(padded, self.scatter_out, batch)
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """Features (..., (lmax_in+1)^2) -> grid values f(β_i, α_j) of shape (..., n_beta, n_alpha)."""
-        x_t, batch = self._flatten_features(x, self.lmax_in, "x")
-        return self.to_grid_t(x_t).permute(2, 1, 0).reshape(*batch, self.n_beta, self.n_alpha)
+        grid = self.to_grid_t(_features_first(x, self.lmax_in, "x"))
+        return grid.movedim((0, 1), (-1, -2)).contiguous()
 
     def from_grid(self, grid: torch.Tensor) -> torch.Tensor:
         """Grid values (..., n_beta, n_alpha) -> SH coefficients (..., (lmax_out+1)^2) by exact quadrature."""
-        if grid.shape[-2:] != (self.n_beta, self.n_alpha):
+        if grid.dim() < 2 or grid.shape[-2:] != (self.n_beta, self.n_alpha):
             raise ValueError(f"grid must end with ({self.n_beta}, {self.n_alpha}), got {tuple(grid.shape)}")
-        batch = grid.shape[:-2]
-        g = grid.reshape(-1, self.n_beta, self.n_alpha).permute(2, 1, 0)
-        return self.from_grid_t(g).t().reshape(*batch, _num_sh(self.lmax_out))
+        return _features_last(self.from_grid_t(grid.movedim((-1, -2), (0, 1))))
 
     def points(self) -> torch.Tensor:
         """Grid points on the unit sphere, shape (n_beta, n_alpha, 3), float64."""
@@ -323,7 +350,7 @@ class SphericalGrid(_Transform):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Route (b): 2D Fourier series in (β, α) with FFT convolution
+# Route (b): 2D Fourier series in (β, α) and convolution
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -357,37 +384,63 @@ def _complex_buffer(z: torch.Tensor) -> torch.Tensor:
 
 
 class FourierSphere(_Transform):
-    """SH <-> 2D Fourier coefficients of f(β, α) (β extended to [0, 2π)), and the FFT product.
+    """SH <-> 2D Fourier series of f(β, α) on the torus (β continued to [0, 2π)), and their product.
 
-    Fourier arrays are half spectra in features-first layout: ``F[v, u, M]`` is the coefficient of
-    ``exp(i(uβ + vα))`` for ``v = 0..L`` and ``u = -L..L`` (stored at ``u + L``); negative ``v`` follow
-    from ``F[-v, -u] = conj(F[v, u])`` because ``f`` is real.
+    Each SH is a trigonometric polynomial of degree <= l in β and in α once e3nn's Cartesian formula is
+    evaluated at x(β, α) for all real β, so a degree-L feature is exactly a (2L+1) x (2L+1) Fourier array and
+    the product of two features is the 2D convolution of their arrays. Fourier arrays are half spectra in
+    features-first layout: ``F[v, u, *batch]`` is the coefficient of ``exp(i(uβ + vα))`` for ``v = 0..L``
+    and ``u = -L..L`` (stored at ``u + L``); negative ``v`` follow from ``F[-v, -u] = conj(F[v, u])``.
+
+    The convolution uses the convolution theorem: both series are sampled on an (n_v x n_u) torus grid,
+    multiplied, and transformed back. ``backend="fft"`` does the transforms with ``torch.fft.irfftn``/
+    ``rfftn`` (O(n log n)); ``backend="dft"`` does them as dense DFT matrix products (O(n^2) but a handful of
+    large GEMMs). The grids are alias-free: all |u| <= L1+L2 are kept (the projection back to SH is dense in
+    u because e^{iuβ} is not orthogonal under sin β dβ on [0, π]), and only |v| <= Lout is read, so n_v > L1+L2+Lout.
 
     Args:
         lmax1, lmax2: degrees of the two factors; lmax_out: degree of the projected product.
+        backend: "dft" (default, several times faster on CPU for L <= 8; see benchmarks/tensor_products.py)
+            or "fft".
     """
 
-    def __init__(self, lmax1: int, lmax2: int, lmax_out: int):
+    def __init__(self, lmax1: int, lmax2: int, lmax_out: int, backend: str = "dft"):
         super().__init__()
+        if backend not in ("dft", "fft"):
+            raise ValueError(f"backend must be 'dft' or 'fft', got {backend!r}")
+        self.backend = backend
         self.lmax1 = _check_degree("lmax1", lmax1)
         self.lmax2 = _check_degree("lmax2", lmax2)
         self.lmax_out = _check_degree("lmax_out", lmax_out)
         self.lmax_prod = self.lmax1 + self.lmax2
-        # Circular convolution without aliasing: all |u| <= L1+L2 are needed (the β projection is dense in
-        # u); along α only |v| <= Lout is read, so wrap-around from |v| > L1+L2 may land beyond Lout.
-        self.n_u = _fft_size(2 * self.lmax_prod + 1)
-        self.n_v = _fft_size(self.lmax_prod + self.lmax_out + 1)
+        self.n_u = 2 * self.lmax_prod + 1
+        self.n_v = self.lmax_prod + self.lmax_out + 1
+        if backend == "fft":
+            self.n_u, self.n_v = _fft_size(self.n_u), _fft_size(self.n_v)
         for i, lmax in ((1, self.lmax1), (2, self.lmax2)):
             p, e = self._sh_to_fourier_factors(lmax)
             self.register_buffer(f"p_sh2f_{i}", p)  # (b, u, l, 2): β factor
             self.register_buffer(f"e_sh2f_{i}", e)  # (v, b, 2): α factor
             self.register_buffer(f"gather_{i}", _padded_layout(lmax)[0], persistent=False)
+            if backend == "dft":
+                inv_u, inv_v = self._inverse_dft(lmax)
+                self.register_buffer(f"inv_u_{i}", inv_u)  # (n_u, 2L+1, 2)
+                self.register_buffer(f"inv_v_{i}", inv_v)  # (n_v, 2(L+1)) real
         q, e = self._fourier_to_sh_factors(self.lmax_out, self.lmax_prod)
         self.register_buffer("q_f2sh", q)  # (b, l, u, 2)
         self.register_buffer("e_f2sh", e)  # (b, v, 2)
         self.register_buffer("scatter_out", _padded_layout(self.lmax_out)[1], persistent=False)
+        if backend == "dft":
+            fwd_v, fwd_u = self._forward_dft()
+            self.register_buffer("fwd_v", fwd_v)  # (2(Lout+1), n_v) real
+            self.register_buffer("fwd_u", fwd_u)  # (2(L1+L2)+1, n_u, 2)
         u = torch.arange(-self.lmax_prod, self.lmax_prod + 1)
         self.register_buffer("u_unwrap", u % self.n_u, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"lmax1={self.lmax1}, lmax2={self.lmax2}, lmax_out={self.lmax_out}, backend={self.backend!r}, torus=({self.n_v}, {self.n_u})"
+
+    # ---- construction of the conversion matrices (all numerical, from e3nn samples) ----
 
     @staticmethod
     def _torus_beta(lmax: int) -> torch.Tensor:
@@ -433,46 +486,83 @@ class FourierSphere(_Transform):
         e = cls._alpha_fourier(lmax_out, -v) * (2 * math.pi) * w_v  # (b, v)
         return _complex_buffer(q), _complex_buffer(e)
 
-    def _cbuf(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        return torch.view_as_complex(self._buf(name, like))
+    def _torus_angles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        beta = 2 * math.pi * torch.arange(self.n_u, dtype=torch.float64) / self.n_u
+        alpha = 2 * math.pi * torch.arange(self.n_v, dtype=torch.float64) / self.n_v
+        return beta, alpha
 
-    def sh_to_fourier_t(self, x_t: torch.Tensor, which: int) -> torch.Tensor:
-        """Features-first ((L+1)^2, M) of factor ``which`` (1 or 2) -> half spectrum F (L+1, 2L+1, M), complex."""
+    def _inverse_dft(self, lmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matrices sampling a half spectrum on the torus: e^{iuβ_j} (n_u, 2L+1) and [w cos vα, -w sin vα]."""
+        beta, alpha = self._torus_angles()
+        u = torch.arange(-lmax, lmax + 1, dtype=torch.float64)
+        v = torch.arange(lmax + 1, dtype=torch.float64)
+        w_v = torch.where(v == 0, 1.0, 2.0)
+        inv_u = torch.exp(1j * beta[:, None] * u[None, :])
+        inv_v = torch.cat([w_v * torch.cos(alpha[:, None] * v), -w_v * torch.sin(alpha[:, None] * v)], dim=1)
+        return _complex_buffer(inv_u), inv_v
+
+    def _forward_dft(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matrices taking torus samples to the half spectrum v = 0..Lout, u = -(L1+L2)..(L1+L2)."""
+        beta, alpha = self._torus_angles()
+        v = torch.arange(self.lmax_out + 1, dtype=torch.float64)
+        u = torch.arange(-self.lmax_prod, self.lmax_prod + 1, dtype=torch.float64)
+        fwd_v = torch.cat([torch.cos(v[:, None] * alpha), -torch.sin(v[:, None] * alpha)]) / self.n_v
+        fwd_u = torch.exp(-1j * u[:, None] * beta[None, :]) / self.n_u
+        return fwd_v, _complex_buffer(fwd_u)
+
+    # ---- the maps ----
+
+    def sh_to_fourier_t(self, x_t: torch.Tensor, which: int = 1) -> torch.Tensor:
+        """Features-first ((L+1)^2, *batch) of factor ``which`` (1 or 2) -> half spectrum (L+1, 2L+1, *batch)."""
+        batch = x_t.shape[1:]
         padded = _gather_padded(x_t, getattr(self, f"gather_{which}"))  # (b, l, M) real
         p = self._cbuf(f"p_sh2f_{which}", x_t)  # (b, u, l)
         h = torch.bmm(p, padded.to(p.dtype))  # (b, u, M)
         e = self._cbuf(f"e_sh2f_{which}", x_t)  # (v, b)
-        return (e @ h.reshape(h.shape[0], -1)).reshape(e.shape[0], h.shape[1], -1)
+        return (e @ h.reshape(h.shape[0], -1)).reshape(e.shape[0], h.shape[1], *batch)
+
+    def fourier_to_sh_t(self, f: torch.Tensor) -> torch.Tensor:
+        """Half spectrum of a product (Lout+1, 2(L1+L2)+1, *batch) -> features-first ((Lout+1)^2, *batch)."""
+        batch = f.shape[2:]
+        e = self._cbuf("e_f2sh", f)  # (b, v)
+        h = (e @ f.reshape(f.shape[0], -1)).reshape(e.shape[0], f.shape[1], -1)  # (b, u, M)
+        padded = torch.bmm(self._cbuf("q_f2sh", f), h).real  # (b, l, M)
+        return _scatter_padded(padded, self.scatter_out, batch)
+
+    def to_torus(self, f: torch.Tensor, which: int = 1) -> torch.Tensor:
+        """Half spectrum (L+1, 2L+1, *batch) -> real samples f(β_j, α_k) of shape (n_v, n_u, *batch)."""
+        if self.backend == "fft":
+            return self._to_torus_fft(f)
+        batch = f.shape[2:]
+        g = self._cbuf(f"inv_u_{which}", f) @ f.reshape(*f.shape[:2], -1)  # (v, n_u, M): sum over u
+        g = torch.cat([g.real, g.imag]).reshape(2 * f.shape[0], -1)  # (2(L+1), n_u*M)
+        return (self._buf(f"inv_v_{which}", f) @ g).reshape(self.n_v, self.n_u, *batch)
+
+    def from_torus(self, g: torch.Tensor) -> torch.Tensor:
+        """Real torus samples (n_v, n_u, *batch) -> product half spectrum (Lout+1, 2(L1+L2)+1, *batch)."""
+        if self.backend == "fft":
+            prod = torch.fft.rfftn(g, dim=(1, 0), norm="forward")  # (n_v//2+1, n_u, *batch)
+            return prod[: self.lmax_out + 1].index_select(1, self.u_unwrap)
+        batch = g.shape[2:]
+        t = (self._buf("fwd_v", g) @ g.reshape(self.n_v, -1)).reshape(2, self.lmax_out + 1, self.n_u, -1)
+        t = torch.complex(t[0], t[1])  # (v, n_u, M)
+        return (self._cbuf("fwd_u", t) @ t).reshape(self.lmax_out + 1, -1, *batch)
 
     def multiply(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
-        """Half spectra of two factors -> half spectrum of their product (Lout+1, 2(L1+L2)+1, M), by FFT.
+        """2D convolution of two half spectra (factor 1 and factor 2), truncated to v <= Lout.
 
-        The zero-padded inverse real FFT samples both series on an (n_u x n_v) torus grid; the product of
-        samples is transformed back, which is the circular (here alias-free) 2D convolution.
+        Shapes: (L1+1, 2L1+1, *batch1), (L2+1, 2L2+1, *batch2) -> (Lout+1, 2(L1+L2)+1, *batch).
         """
-        g1 = self._to_torus(f1)
-        g2 = self._to_torus(f2)
-        prod = torch.fft.rfftn(g1 * g2, dim=(1, 0), norm="forward")  # (n_v//2+1, n_u, M)
-        return prod[: self.lmax_out + 1].index_select(1, self.u_unwrap)
+        return self.from_torus(self.to_torus(f1, 1) * self.to_torus(f2, 2))
 
-    def _to_torus(self, f: torch.Tensor) -> torch.Tensor:
-        """Half spectrum (L+1, 2L+1, M) -> real samples on the (n_v, n_u) torus grid, shape (n_v, n_u, M)."""
+    def _to_torus_fft(self, f: torch.Tensor) -> torch.Tensor:
         lv, lu = f.shape[0], (f.shape[1] - 1) // 2
-        padded = f.new_zeros(self.n_v // 2 + 1, self.n_u, f.shape[-1])
+        padded = f.new_zeros(self.n_v // 2 + 1, self.n_u, *f.shape[2:])
         padded[:lv, : lu + 1] = f[:, lu:]
         if lu > 0:
             padded[:lv, self.n_u - lu :] = f[:, :lu]
         # norm="forward": the inverse transform is the plain sum, so samples equal the series values.
         return torch.fft.irfftn(padded, s=(self.n_u, self.n_v), dim=(1, 0), norm="forward")
-
-    def fourier_to_sh_t(self, f: torch.Tensor) -> torch.Tensor:
-        """Half spectrum of the product (Lout+1, 2(L1+L2)+1, M) -> features-first ((Lout+1)^2, M), real."""
-        m = f.shape[-1]
-        e = self._cbuf("e_f2sh", f)  # (b, v)
-        h = (e @ f.reshape(f.shape[0], -1)).reshape(e.shape[0], f.shape[1], m)  # (b, u, M)
-        q = self._cbuf("q_f2sh", f)  # (b, l, u)
-        padded = torch.bmm(q, h).real  # (b, l, M)
-        return padded.reshape(-1, m)[self.scatter_out]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -480,31 +570,33 @@ class FourierSphere(_Transform):
 # --------------------------------------------------------------------------------------------------------
 
 
-def _broadcast_features_t(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
-    """Broadcast leading dimensions of x1 (..., n1) and x2 (..., n2), return features-first views."""
-    batch = torch.broadcast_shapes(x1.shape[:-1], x2.shape[:-1])
-    x1 = x1.expand(*batch, x1.shape[-1]).reshape(-1, x1.shape[-1])
-    x2 = x2.expand(*batch, x2.shape[-1]).reshape(-1, x2.shape[-1])
-    return x1.t(), x2.t(), batch
-
-
 class GauntTensorProduct(torch.nn.Module):
     """Gaunt tensor product of two SH features, ``out = SH_{<=Lout}(f_x1 * f_x2)`` (see module docstring).
 
     Args:
         lmax1, lmax2: maximum degrees of the inputs; lmax_out: maximum degree of the output.
-        method: ``"grid"`` (Gauss-Legendre sphere grid, real arithmetic; the faster route on CPU) or
-            ``"fourier"`` (2D Fourier series with FFT convolution, Luo et al. 2024).
+        method: ``"grid"`` (Gauss-Legendre sphere grid, real arithmetic; the fastest route) or
+            ``"fourier"`` (2D Fourier series with convolution, Luo et al. 2024).
         channels: if given, learnable per-channel, per-degree input weights ``weight1`` (channels, L1+1)
             and ``weight2`` (channels, L2+1), initialised to one, scale the inputs before the product
             (the paper's reparametrisation); the channel axis is then the second-to-last input axis.
+        fourier_backend: "dft" or "fft", see :class:`FourierSphere` (only for ``method="fourier"``).
 
-    Shapes: ``forward(x1 (..., (L1+1)^2), x2 (..., (L2+1)^2)) -> (..., (Lout+1)^2)``; leading dimensions
-    broadcast, e.g. x1 (N, C, ·) and x2 (N, 1, ·). Optional ``weight1``/``weight2`` arguments to ``forward``
-    (shapes broadcastable to (..., L+1), e.g. per-element weights gathered per node) multiply on top.
+    Shapes: ``forward(x1 (..., (L1+1)^2), x2 (..., (L2+1)^2)) -> (..., (Lout+1)^2)``. Leading dimensions
+    broadcast, e.g. x1 (N, C, ·) with x2 (N, 1, ·): the single-channel factor is transformed only once per
+    edge. Optional ``weight1``/``weight2`` arguments to ``forward`` (broadcastable to (..., L+1), e.g.
+    per-element weights gathered per node) multiply on top of the module's own weights.
     """
 
-    def __init__(self, lmax1: int, lmax2: int, lmax_out: int, method: str = "grid", channels: int | None = None):
+    def __init__(
+        self,
+        lmax1: int,
+        lmax2: int,
+        lmax_out: int,
+        method: str = "grid",
+        channels: int | None = None,
+        fourier_backend: str = "dft",
+    ):
         super().__init__()
         if method not in ("grid", "fourier"):
             raise ValueError(f"method must be 'grid' or 'fourier', got {method!r}")
@@ -514,14 +606,12 @@ class GauntTensorProduct(torch.nn.Module):
         self.method = method
         degree = self.lmax1 + self.lmax2 + self.lmax_out
         if method == "grid":
-            if self.lmax1 == self.lmax2:
-                self.grid1 = SphericalGrid(self.lmax1, self.lmax_out, degree)
-                self.grid2 = self.grid1
-            else:
-                self.grid1 = SphericalGrid(self.lmax1, self.lmax_out, degree)
-                self.grid2 = SphericalGrid(self.lmax2, self.lmax_out, degree)
+            self.grid1 = SphericalGrid(self.lmax1, self.lmax_out, degree)
+            self.grid2 = self.grid1 if self.lmax2 == self.lmax1 else SphericalGrid(self.lmax2, self.lmax_out, degree)
         else:
-            self.fourier = FourierSphere(self.lmax1, self.lmax2, self.lmax_out)
+            self.fourier = FourierSphere(self.lmax1, self.lmax2, self.lmax_out, backend=fourier_backend)
+        if channels is not None and (not isinstance(channels, int) or channels < 1):
+            raise ValueError(f"channels must be a positive integer or None, got {channels!r}")
         self.channels = channels
         if channels is not None:
             self.weight1 = torch.nn.Parameter(torch.ones(channels, self.lmax1 + 1))
@@ -539,22 +629,22 @@ class GauntTensorProduct(torch.nn.Module):
     ) -> torch.Tensor:
         x1 = self._weighted(x1, self.lmax1, "x1", getattr(self, "weight1", None), weight1)
         x2 = self._weighted(x2, self.lmax2, "x2", getattr(self, "weight2", None), weight2)
-        if x1.dtype != x2.dtype:
-            raise TypeError(f"x1 and x2 must have the same dtype, got {x1.dtype} and {x2.dtype}")
-        x1_t, x2_t, batch = _broadcast_features_t(x1, x2)
+        if x1.dtype != x2.dtype or x1.device != x2.device:
+            raise TypeError(f"x1 and x2 must share dtype and device, got {x1.dtype}/{x1.device} and {x2.dtype}/{x2.device}")
+        x1, x2 = _align_batch(x1, x2)
+        x1_t = _features_first(x1, self.lmax1, "x1")
+        x2_t = _features_first(x2, self.lmax2, "x2")
         if self.method == "grid":
-            g1 = self.grid1.to_grid_t(x1_t)
-            g2 = self.grid2.to_grid_t(x2_t)
-            out_t = self.grid1.from_grid_t(g1 * g2)
+            product = self.grid1.to_grid_t(x1_t) * self.grid2.to_grid_t(x2_t)
+            out_t = self.grid1.from_grid_t(product)
         else:
             f1 = self.fourier.sh_to_fourier_t(x1_t, 1)
             f2 = self.fourier.sh_to_fourier_t(x2_t, 2)
             out_t = self.fourier.fourier_to_sh_t(self.fourier.multiply(f1, f2))
-        return out_t.t().reshape(*batch, _num_sh(self.lmax_out))
+        return _features_last(out_t)
 
     def _weighted(self, x, lmax, name, own, extra):
-        if x.shape[-1] != _num_sh(lmax):
-            raise ValueError(f"{name} must have last dimension (L+1)^2 = {_num_sh(lmax)} for L = {lmax}, got {tuple(x.shape)}")
+        _features_first(x, lmax, name)  # validates
         if own is not None:
             if x.dim() < 2 or x.shape[-2] != self.channels:
                 raise ValueError(f"{name} must have shape (..., {self.channels}, {_num_sh(lmax)}), got {tuple(x.shape)}")
@@ -565,7 +655,7 @@ class GauntTensorProduct(torch.nn.Module):
 
 
 def gaunt_tensor_product(x1: torch.Tensor, x2: torch.Tensor, lmax_out: int, method: str = "grid") -> torch.Tensor:
-    """Functional Gaunt product (builds and caches the module per degrees/method on first use)."""
+    """Functional Gaunt product ``SH_{<=lmax_out}(f_x1 f_x2)``; the module is built once per degrees and cached."""
     l1 = int(round(math.sqrt(x1.shape[-1]))) - 1
     l2 = int(round(math.sqrt(x2.shape[-1]))) - 1
     return _cached_product(l1, l2, _check_degree("lmax_out", lmax_out), method)(x1, x2)
@@ -585,7 +675,9 @@ class GauntPower(torch.nn.Module):
     intermediate truncation.
 
     Shapes: ``forward(x (..., (lmax_in+1)^2)) -> (..., correlation, (lmax_out+1)^2)``. Combine the powers
-    with per-(element, ν, channel, l) weights through :func:`scale_degrees` and a sum over ν.
+    with per-(element, ν, channel, l) weights through :func:`scale_degrees` and a sum over ν, e.g.
+    ``B = scale_degrees(powers, w[species]).sum(-2)`` with ``w`` of shape (n_elements, C, correlation, Lout+1)
+    after moving the channel axis: powers (N, C, ν, ·) and ``w[species]`` (N, C, ν, Lout+1).
     """
 
     def __init__(self, lmax_in: int, lmax_out: int, correlation: int):
@@ -598,12 +690,10 @@ class GauntPower(torch.nn.Module):
         self.grid = SphericalGrid(self.lmax_in, self.lmax_out, correlation * self.lmax_in + self.lmax_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_t, batch = self.grid._flatten_features(x, self.lmax_in, "x")
-        g = self.grid.to_grid_t(x_t)
+        g = self.grid.to_grid_t(_features_first(x, self.lmax_in, "x"))
         power = g
         outs = [self.grid.from_grid_t(power)]
         for _ in range(self.correlation - 1):
             power = power * g
             outs.append(self.grid.from_grid_t(power))
-        out = torch.stack(outs)  # (ν, nlm_out, M)
-        return out.permute(2, 0, 1).reshape(*batch, self.correlation, _num_sh(self.lmax_out))
+        return torch.stack(outs, dim=-1).movedim(0, -1).contiguous()  # (..., ν, nlm_out)
