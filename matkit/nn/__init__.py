@@ -1,1 +1,1 @@
-"""Neural-network building blocks shared by matkit models."""
+"""Shared neural-network building blocks (radial bases, envelopes, equivariant operations)."""
