@@ -16,8 +16,7 @@ from sympy.physics.wigner import wigner_3j
 import matkit
 from matkit.graph import atoms_to_graph
 from matkit.nn.envelopes import PolynomialEnvelope
-from matkit.nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, NeighbourSlots, S2Grid, gaunt_powers,
-                                   gaunt_product,
+from matkit.nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, NeighbourSlots, S2Grid, gaunt_product,
                                    grid_size_for_degree, sphere_grid, spherical_harmonics)
 from matkit.nn.radial_bessel import BesselBasis
 from model_harness import SPECIES, ModelHarness, periodic_structure
@@ -121,40 +120,42 @@ def test_self_product_to_scalar_is_the_norm():
 
 
 @pytest.mark.parametrize("lmax_in,lmax_out,correlation", [(3, 0, 3), (2, 2, 3), (1, 2, 4)])
-def test_many_body_grid_powers_equal_repeated_two_body_products(lmax_in, lmax_out, correlation):
+def test_many_body_product_equals_repeated_two_body_products(lmax_in, lmax_out, correlation):
+    """B = sum_nu w[z, c, nu, l] [(s A)^nu]_lm with the powers from iterated e3nn-grid Gaunt products
+    (intermediates not truncated) and element-, channel-, order- and degree-dependent weights."""
     torch.manual_seed(2)
-    a = torch.randn(6, (lmax_in + 1) ** 2, 5, dtype=torch.float64)
-    scale = 0.37
-    grid = S2Grid(lmax_in, lmax_out, correlation * lmax_in + lmax_out)
-    ours = gaunt_powers(a, grid, correlation, scale)  # (N, nu, K_out, C)
-    a_t = scale * a.transpose(1, 2)  # (N, C, K)
-    power, lmax_power = a_t, lmax_in
+    n, channels = 6, 5
+    block = GauntManyBodyProduct(channels, lmax_in, lmax_out, correlation, num_species=3).double()
+    a = torch.randn(n, (lmax_in + 1) ** 2, channels, dtype=torch.float64)
+    species = torch.tensor([0, 2, 1, 0, 2, 2])
+    ours = block(a, species).detach()
     k_out = (lmax_out + 1) ** 2
+    degree = torch.cat([torch.full((2 * l + 1,), l) for l in range(lmax_out + 1)])
+    a_t = block.scale * a.transpose(1, 2)  # (N, C, K)
+    power, lmax_power = a_t, lmax_in
+    expected = torch.zeros(n, channels, k_out, dtype=torch.float64)
+    w = block.weights.detach()[species]  # (N, C, nu, L+1)
     for nu in range(correlation):
-        expected = torch.zeros(6, 5, k_out, dtype=torch.float64)
+        truncated = torch.zeros(n, channels, k_out, dtype=torch.float64)
         k = min(k_out, power.shape[-1])
-        expected[..., :k] = power[..., :k]
-        np.testing.assert_allclose(ours[:, nu].transpose(1, 2).numpy(), expected.numpy(),
-                                   atol=1e-11 * max(1.0, power.abs().max().item()))
-        # next power, without truncating the intermediate (degree grows by lmax_in each time)
+        truncated[..., :k] = power[..., :k]
+        expected += w[:, :, nu, degree] * truncated
         power = e3nn_gaunt_product(power, a_t, lmax_power, lmax_in, lmax_power + lmax_in)
         lmax_power += lmax_in
+    np.testing.assert_allclose(ours.transpose(1, 2).numpy(), expected.numpy(),
+                               atol=1e-11 * max(1.0, expected.abs().max().item()))
 
 
-def test_many_body_product_weights_depend_on_element_and_degree():
-    torch.manual_seed(3)
-    block = GauntManyBodyProduct(num_channels=4, lmax_in=2, lmax_out=1, correlation=3, num_species=2).double()
-    a = torch.randn(3, 9, 4, dtype=torch.float64)
-    species = torch.tensor([0, 1, 0])
-    out = block(a, species)
-    powers = gaunt_powers(a, block.grid, 3, block.scale)
-    w = block.weights.detach()
-    expected = torch.zeros(3, 4, 4, dtype=torch.float64)
-    for n, s in enumerate(species.tolist()):
-        for nu in range(3):
-            for k, l in enumerate([0, 1, 1, 1]):
-                expected[n, k] += w[s, nu, l] * powers[n, nu, k]
-    np.testing.assert_allclose(out.detach().numpy(), expected.numpy(), atol=1e-12)
+def test_mace_blocks_grid_agrees_with_gaunt_module():
+    """The dense-matrix S2Grid product used in the messages equals matkit.nn.gaunt.GauntTensorProduct."""
+    from matkit.nn.gaunt import GauntTensorProduct
+
+    torch.manual_seed(6)
+    x = torch.randn(4, 9, 3, dtype=torch.float64)
+    y = torch.randn(4, 16, 3, dtype=torch.float64)
+    ours = gaunt_product(x, y, 2, 3, 3)
+    theirs = GauntTensorProduct(2, 3, 3).double()(x.transpose(1, 2), y.transpose(1, 2)).transpose(1, 2)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-12)
 
 
 def test_grid_message_equals_per_edge_gaunt_products():

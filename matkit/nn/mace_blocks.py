@@ -21,7 +21,9 @@ import torch
 from e3nn import o3
 from torch import nn
 
-__all__ = ["S2Grid", "grid_size_for_degree", "degree_of_coefficient", "gaunt_product", "gaunt_powers",
+from .gaunt import GauntPower
+
+__all__ = ["S2Grid", "grid_size_for_degree", "degree_of_coefficient", "gaunt_product",
            "IrrepsLinear", "SpeciesIrrepsLinear", "RadialMLP", "NeighbourSlots", "GauntManyBodyProduct", "GauntInteraction",
            "ScaledSiLU"]
 
@@ -122,26 +124,6 @@ def gaunt_product(x: torch.Tensor, y: torch.Tensor, lmax_x: int, lmax_y: int, lm
     grid_x = S2Grid(lmax_x, lmax_out, lmax_x + lmax_y + lmax_out).to(x.device)
     grid_y = S2Grid(lmax_y, lmax_out, lmax_x + lmax_y + lmax_out).to(x.device)
     return grid_x.from_grid_values(grid_x.to_grid_values(x) * grid_y.to_grid_values(y))
-
-
-def gaunt_powers(a: torch.Tensor, grid: S2Grid, correlation: int, scale: float = 1.0) -> torch.Tensor:
-    """Self-products of each channel's function: ``[(s a)^1, (s a)^2, ..., (s a)^nu]`` projected to lmax_out.
-
-    a : (N, K_in, C); grid : an :class:`S2Grid` with ``degree >= correlation * lmax_in + lmax_out``;
-    scale : ``s``, a constant applied to the function before taking powers.
-    Returns (N, correlation, K_out, C). Equal to repeated two-body Gaunt products without truncation of
-    the intermediate powers (the grid represents the degree-nu*lmax_in powers exactly).
-    """
-    n, k, c = a.shape
-    columns = a.transpose(0, 1).reshape(k, n * c)  # one matrix product for all nodes and channels
-    f = torch.matmul(grid.to_grid_matrix(a.dtype), columns)  # (G, N C)
-    if scale != 1.0:
-        f = f * scale
-    powers = [f]
-    for _ in range(correlation - 1):
-        powers.append(powers[-1] * f)
-    projected = torch.matmul(grid.from_grid_matrix(a.dtype), torch.stack(powers, dim=1).view(f.shape[0], correlation * n * c))
-    return projected.view(projected.shape[0], correlation, n, c).permute(2, 1, 0, 3)  # (K_out, nu, N, C) -> (N, nu, K_out, C)
 
 
 class ScaledSiLU(nn.Module):
@@ -246,9 +228,9 @@ class NeighbourSlots:
 class GauntManyBodyProduct(nn.Module):
     """MACE's product basis with the symmetric contraction replaced by Gaunt self-products on the S^2 grid.
 
-    ``B_{i,c,lm} = sum_{nu=1..correlation} w[z_i, nu, l, c] [ (s A_{i,c})^nu ]_{lm}``: channel ``c`` of ``A_i`` is
+    ``B_{i,c,lm} = sum_{nu=1..correlation} w[z_i, c, nu, l] [ (s A_{i,c})^nu ]_{lm}``: channel ``c`` of ``A_i`` is
     one function on the sphere; it is evaluated on the grid once, raised to powers 1..nu pointwise, and every
-    power is projected back to degrees <= lmax_out. ``s = 1/sqrt((lmax_in+1)^2)`` makes unit-variance
+    power is projected back to degrees <= lmax_out (:class:`matkit.nn.gaunt.GauntPower`). ``s = 1/sqrt((lmax_in+1)^2)`` makes unit-variance
     coefficients give unit-variance grid values. Weights depend on the element, the order nu, the output
     degree l and the channel (the "self-mix" basis of the Gaunt paper).
 
@@ -260,16 +242,16 @@ class GauntManyBodyProduct(nn.Module):
         if correlation < 1:
             raise ValueError(f"correlation must be >= 1, got {correlation}")
         self.correlation, self.lmax_in, self.lmax_out = correlation, lmax_in, lmax_out
-        self.grid = S2Grid(lmax_in, lmax_out, correlation * lmax_in + lmax_out)
+        self.power = GauntPower(lmax_in, lmax_out, correlation)  # exact grid of degree nu lmax_in + lmax_out
         self.scale = 1.0 / math.sqrt(num_coefficients(lmax_in))
-        self.weights = nn.Parameter(torch.randn(num_species, correlation, lmax_out + 1, num_channels)
+        self.weights = nn.Parameter(torch.randn(num_species, num_channels, correlation, lmax_out + 1)
                                     / math.sqrt(correlation))
         self.register_buffer("degree", degree_of_coefficient(lmax_out), persistent=False)
 
     def forward(self, a: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        powers = gaunt_powers(a, self.grid, self.correlation, self.scale)  # (N, nu, K_out, C)
-        weights = self.weights[species][:, :, self.degree, :]  # (N, nu, K_out, C)
-        return (weights * powers).sum(dim=1)
+        powers = self.power(a.transpose(1, 2) * self.scale)  # (N, C, nu, K_out)
+        weights = self.weights[species][..., self.degree]  # (N, C, nu, K_out)
+        return (weights * powers).sum(dim=2).transpose(1, 2)
 
 
 class GauntInteraction(nn.Module):
