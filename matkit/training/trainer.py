@@ -447,7 +447,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         self.epoch_errors.update({k: v.detach() for k, v in pred.items()}, targets)
-        logged = torch.tensor([float(terms.get(k, torch.zeros(()))) for k in ("total", "energy", "forces", "stress")],
+        logged = torch.tensor([float(terms[k].detach()) if k in terms else 0.0 for k in ("total", "energy", "forces", "stress")],
                               dtype=torch.float64)
         all_reduce_sum(logged)  # per-rank terms are already normalised by global counts: the sum is global
         result = dict(zip(("loss", "loss_energy", "loss_forces", "loss_stress"), logged.tolist()))
@@ -575,7 +575,7 @@ class Trainer:
     def _metadata(self, **extra) -> Dict:
         import matkit
 
-        return {"matkit_version": matkit.__version__, "torch_version": torch.__version__,
+        return {"matkit_version": matkit.__version__, "torch_version": str(torch.__version__),
                 "config": config_to_dict(self.config), "epoch": self.epoch, "step": self.step,
                 "train_structures": len(self.train_indices), "val_structures": len(self.val_indices),
                 "dataset": self.config.data.train, **extra}
