@@ -118,26 +118,18 @@ def broadcast_object(obj, src: int = 0):
 
 
 def split_global_batch(indices: Sequence[int], sizes: Sequence[int], world_size: int) -> List[List[int]]:
-    """Partition one global batch into ``world_size`` disjoint, non-empty parts with balanced atom counts.
+    """Partition one global batch into ``world_size`` disjoint parts with balanced atom counts.
 
     ``indices``: dataset indices of the global batch; ``sizes``: atoms of each (same order). Structures are
     assigned largest first to the rank with the fewest atoms (ties: lowest rank); each part keeps the
-    batch order. Requires ``len(indices) >= world_size``.
+    batch order. With fewer structures than ranks some parts are empty (the trainer then gives those
+    ranks a masked padding structure so that every rank takes part in the gradient all-reduce).
     """
-    if len(indices) < world_size:
-        raise ValueError(f"a global batch of {len(indices)} structures cannot be split over {world_size} ranks")
     order = sorted(range(len(indices)), key=lambda k: (-sizes[k], k))
     loads = [0] * world_size
-    counts = [0] * world_size
     owner = [0] * len(indices)
-    remaining = len(indices)
     for k in order:
-        empty = [r for r in range(world_size) if counts[r] == 0]
-        # make sure every rank gets at least one structure
-        candidates = empty if len(empty) >= remaining else range(world_size)
-        rank = min(candidates, key=lambda r: (loads[r], r))
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
         owner[k] = rank
         loads[rank] += sizes[k]
-        counts[rank] += 1
-        remaining -= 1
     return [[indices[k] for k in range(len(indices)) if owner[k] == r] for r in range(world_size)]

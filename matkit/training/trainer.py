@@ -405,13 +405,17 @@ class Trainer:
     def _make_epoch_batches(self, epoch: int) -> List[List[int]]:
         d = self.config.data
         return epoch_batches(self.train_indices, self.sizes, self.config.run.seed, epoch, d.batch_size,
-                             d.max_atoms_per_batch, d.shuffle, min_structures=self.dist.world_size)
+                             d.max_atoms_per_batch, d.shuffle)
 
-    def _local(self, global_batch: List[int]) -> List[int]:
+    def _local(self, global_batch: List[int]):
+        """This rank's part of a global batch: ``(indices, padding)``. A rank left without structures (global
+        batch smaller than the number of ranks) computes on the batch's first structure with every label
+        masked: its gradient is exactly zero but it joins the all-reduce."""
         if not self.dist.enabled:
-            return global_batch
+            return global_batch, False
         parts = split_global_batch(global_batch, [int(self.sizes[i]) for i in global_batch], self.dist.world_size)
-        return parts[self.dist.rank]
+        part = parts[self.dist.rank]
+        return (part, False) if part else ([global_batch[0]], True)
 
     def _loader(self, dataset, batches: List[List[int]]) -> DataLoader:
         workers = self.config.data.num_workers
@@ -420,14 +424,18 @@ class Trainer:
                           persistent_workers=False)
 
     # ---- one optimiser step -------------------------------------------------------------------------------------
-    def train_step(self, batch) -> Dict[str, float]:
-        """Forward, loss, backward, clip, AdamW step and EMA update on this rank's part of a global batch."""
+    def train_step(self, batch, padding: bool = False) -> Dict[str, float]:
+        """Forward, loss, backward, clip, AdamW step and EMA update on this rank's part of a global batch
+        (``padding``: the part is a stand-in whose labels are all masked)."""
         self.model.train()
         need_stress = self.weights["stress"] > 0
         need_grad_graph = self.weights["forces"] > 0 or need_stress
         lr = self.schedule.apply(self.step)
         pred = self.ddp_model(batch, forces=True, stress=need_stress, training=need_grad_graph)
         targets = batch_targets(batch)
+        if padding:
+            for name in ("energy_mask", "forces_mask", "stress_mask"):
+                getattr(targets, name).zero_()
         counts = loss_counts(targets).as_tensor()
         all_reduce_sum(counts)
         terms = loss_terms(pred, targets, LossCounts.from_tensor(counts), self.weights, self.config.loss.kind,
@@ -479,14 +487,16 @@ class Trainer:
                 self.step_in_epoch = 0
                 self.epoch_errors = ErrorAccumulator(self.device)
                 self.epoch_loss.zero_()
-            local = [self._local(b) for b in self.current_batches[self.step_in_epoch:]]
+            parts = [self._local(b) for b in self.current_batches[self.step_in_epoch:]]
+            local = [indices for indices, _ in parts]
+            padded = [pad for _, pad in parts]
             bar = progress(self._loader(self.train_full, local), total=len(local),
                            desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}", leave=False)
             if self._reached_max_steps():
                 local = []
-            for batch in bar if local else []:
+            for position, batch in enumerate(bar if local else []):
                 t0 = time.perf_counter()
-                result = self.train_step(prepare_batch(batch, self.device, self.dtype))
+                result = self.train_step(prepare_batch(batch, self.device, self.dtype), padded[position])
                 self.elapsed += time.perf_counter() - t0
                 self.step += 1
                 self.step_in_epoch += 1
