@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,6 +226,9 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(value, tp, key: str):
     """Return ``value`` checked against type ``tp`` (ints are accepted for floats; bools are not numbers)."""
     origin = typing.get_origin(tp)
@@ -270,6 +274,8 @@ def _convert(value, tp, key: str):
             raise ConfigError(f"config key '{key}' must be an integer, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "5e-4" (no dot) as a string; accept it as the number it is
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {type(value).__name__} {value!r}")
         return float(value)

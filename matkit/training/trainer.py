@@ -214,6 +214,7 @@ class Trainer:
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.current_batches: Optional[List[List[int]]] = None
         self.best_val_loss = math.inf
+        self.best_val_metrics: Dict = {}
         self.epoch_errors = ErrorAccumulator(self.device)
         self.epoch_loss = torch.zeros(2, dtype=torch.float64)  # sum of step losses, number of steps
         self.elapsed = 0.0
@@ -535,6 +536,7 @@ class Trainer:
             self.schedule.observe_validation(val_loss)
             if val_loss < self.best_val_loss:
                 self.best_val_loss = val_loss
+                self.best_val_metrics = val_metrics
                 self.save_best(val_metrics)
         self.current_batches = None
         self.step_in_epoch = 0
@@ -546,6 +548,7 @@ class Trainer:
         self._write_epoch_row(self._train_epoch_metrics(), val_loss, val_metrics, kind="final")
         if val_loss is not None and val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
+            self.best_val_metrics = val_metrics
             self.save_best(val_metrics)
         self.save_latest()
 
@@ -606,6 +609,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_state(),
             "best_val_loss": self.best_val_loss,
+            "best_val_metrics": {k: v for k, v in self.best_val_metrics.items() if v is not None},
             "epoch_errors": self.epoch_errors.sums.detach().cpu().clone(),
             "epoch_loss": self.epoch_loss.clone(),
             "elapsed_s": self.elapsed,
@@ -655,6 +659,7 @@ class Trainer:
                                                   state["epoch_batch_lengths"].tolist())
                                 if state["has_epoch_batches"] else None)
         self.best_val_loss = float(state["best_val_loss"])
+        self.best_val_metrics = dict(state.get("best_val_metrics") or {})
         self.epoch_errors.sums.copy_(state["epoch_errors"])
         self.epoch_loss.copy_(state["epoch_loss"])
         self.elapsed = float(state["elapsed_s"])
@@ -723,7 +728,8 @@ class Trainer:
 
     def _finish(self) -> Dict:
         summary = {"epochs": self.epoch, "steps": self.step, "best_val_loss": self.best_val_loss,
-                   "out_dir": str(self.out_dir), "history": self.history}
+                   "best_val_metrics": self.best_val_metrics, "out_dir": str(self.out_dir),
+                   "history": self.history}
         best = self.out_dir / "best.pt"
         if self.config.run.parity_plots and self.val_indices:
             barrier()
