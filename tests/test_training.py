@@ -285,5 +285,40 @@ def test_cli_train_and_evaluate_agree_with_ase(tmp_path, capsys):
     assert matkit_main(["evaluate", str(tmp_path / "run/best.pt"), str(data), "--split", "val",
                         "--no-progress"]) == 0
     assert "(3 structures)" in capsys.readouterr().out
+    # --resume continues from run.out_dir/latest.pt
+    assert matkit_main(["train", str(tmp_path / "c.yaml"), "optim.max_steps=3", "--resume"]) == 0
+    assert int(read_checkpoint(tmp_path / "run/latest.pt")["training_state"]["step"]) == 3
+    assert "resumed from" in (tmp_path / "run/train.log").read_text()
     assert matkit_main(["train", str(tmp_path / "c.yaml"), "optim.lr=fast"]) == 2
     assert "config key 'optim.lr' must be a number" in capsys.readouterr().err
+
+
+def test_lr_schedules():
+    from matkit.training.schedule import LRSchedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = LRSchedule(opt, 1e-2, "cosine", total_steps=12, warmup_steps=2, min_ratio=0.1)
+    assert cosine.lr_at(0) == pytest.approx(1e-2 / 3) and cosine.lr_at(1) == pytest.approx(2e-2 / 3)
+    assert cosine.lr_at(2) == pytest.approx(1e-2)
+    assert cosine.lr_at(7) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))        # half-way through the decay
+    assert cosine.lr_at(12) == pytest.approx(1e-3) and cosine.lr_at(50) == pytest.approx(1e-3)
+    assert cosine.apply(7) == opt.param_groups[0]["lr"]
+    plateau = LRSchedule(opt, 1e-2, "plateau", total_steps=100, factor=0.5, patience=2)
+    for loss in (1.0, 0.9, 0.95, 0.95, 0.91):        # 3 epochs without improvement > patience 2
+        plateau.observe_validation(loss)
+    assert plateau.lr_at(10) == pytest.approx(5e-3)
+    restored = LRSchedule(opt, 1e-2, "plateau", total_steps=100, factor=0.5, patience=2)
+    restored.load_state_dict(plateau.state_dict())
+    assert restored.lr_at(10) == plateau.lr_at(10) and restored.best == 0.9
+
+
+def test_tensorboard_request_without_the_package_is_a_clear_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    graphs = mlearn_si_graphs(8, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="'run.tensorboard' is true but the tensorboard package is not installed"):
+        Trainer(_base(tmp_path, run={"tensorboard": True}), train_dataset=GraphListDataset(graphs))
