@@ -88,7 +88,7 @@ def _graph_from_arrays(positions, numbers, cell, pbc, cutoff, dtype, labels) -> 
     graph = AtomicGraph(
         pos=torch.as_tensor(positions, dtype=dtype),
         atomic_numbers=torch.as_tensor(np.asarray(numbers), dtype=torch.long),
-        cell=torch.as_tensor(cell, dtype=dtype).unsqueeze(0),
+        cell=torch.tensor(cell, dtype=dtype).unsqueeze(0),
         pbc=torch.as_tensor(pbc).unsqueeze(0),
         edge_index=torch.stack([torch.as_tensor(j), torch.as_tensor(i)]).long(),
         shifts=torch.as_tensor(S, dtype=dtype),

@@ -1,0 +1,1 @@
+"""Shared neural-network building blocks (radial bases, envelopes, equivariant operations)."""
