@@ -30,7 +30,7 @@ def _write_config(tmp_path, data_path):
         "data": {"train": str(data_path), "batch_size": 4, "val_fraction": 0.25, "seed": 1},
         "loss": {"energy_weight": 1.0, "forces_weight": 10.0, "stress_weight": 1.0},
         "optim": {"lr": 1e-2, "epochs": 2, "warmup_steps": 1, "ema_decay": 0.9, "grad_clip": 5.0},
-        "run": {"seed": 5, "dtype": "float64", "device": "cpu", "parity_plots": False, "progress": "off"},
+        "run": {"seed": 5, "dtype": "float64", "device": "cpu", "parity_plots": True, "progress": "off"},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -69,7 +69,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         moved += abs(float(a["loss"]) - float(first[0]["loss"]))
     assert moved > 0  # the weights did change (agreeing untrained weights would prove nothing)
     # rank 0 writes the files: one log, one csv, no per-rank copies
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "latest.pt", "metrics.csv", "train.log"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "latest.pt", "metrics.csv",
+                                                                     "parity_energy.png", "parity_forces.png",
+                                                                     "train.log"]
 
 
 def test_split_global_batch_is_a_balanced_partition():

@@ -731,35 +731,37 @@ class Trainer:
                    "best_val_metrics": self.best_val_metrics, "out_dir": str(self.out_dir),
                    "history": self.history}
         best = self.out_dir / "best.pt"
-        if self.config.run.parity_plots and self.val_indices:
-            barrier()
-            if best.exists():  # parity plots of the best (EMA) model on the validation split
-                payload = read_checkpoint(best)
-                current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                self.model.load_state_dict(payload["state_dict"])
-                _, metrics, result = self._validate_plain(collect=True)
-                self.model.load_state_dict(current)
-            else:
-                _, metrics, result = self.validate(collect=True)
-            summary["best_val_metrics"] = metrics
-            if self.is_main and result.predictions is not None:
-                from .plots import write_parity_plots
-
-                try:
-                    paths = write_parity_plots(result.predictions.arrays(), self.out_dir, "validation split")
-                    summary["plots"] = [str(p) for p in paths]
-                    log.info("parity plots (validation split, best model): %s", ", ".join(map(str, paths)))
-                except ImportError:
-                    log.warning("matplotlib is not installed: no parity plots")
+        if self.config.run.parity_plots and self.val_indices and self.is_main and best.exists():
+            paths = self._parity_plots(best)
+            if paths:
+                summary["plots"] = [str(p) for p in paths]
         log.info("finished after %d epochs, %d steps; best validation loss %.6g; checkpoints in %s",
                  self.epoch, self.step, self.best_val_loss, self.out_dir)
         return summary
 
-    def _validate_plain(self, collect: bool = False):
-        result = run_inference(self.model, self._val_loader(), self.device, self.dtype, stress=None,
-                               kind=self.config.loss.kind, huber_delta=self.config.loss.huber_delta, collect=collect)
-        self.model.train()
-        return result.loss(self.weights), result.metrics(), result
+    def _parity_plots(self, best: Path):
+        """Parity plots of the best (EMA) weights on the whole validation split, computed by rank 0 alone
+        (no collectives, so other ranks may already have finished)."""
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            log.warning("matplotlib is not installed: no parity plots")
+            return []
+        from .plots import write_parity_plots
+
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(read_checkpoint(best)["state_dict"])
+        bs = self.config.data.batch_size
+        indices = self.val_indices
+        loader = self._loader(self.val_set, [indices[k:k + bs] for k in range(0, len(indices), bs)])
+        try:
+            result = run_inference(self.model, loader, self.device, self.dtype, collect=True, reduce=False)
+        finally:
+            self.model.load_state_dict(current)
+            self.model.train()
+        paths = write_parity_plots(result.predictions.arrays(), self.out_dir, "validation split")
+        log.info("parity plots (validation split, best model): %s", ", ".join(map(str, paths)))
+        return paths
 
 
 class _nullcontext:
