@@ -322,3 +322,28 @@ def test_tensorboard_request_without_the_package_is_a_clear_error(tmp_path):
     graphs = mlearn_si_graphs(8, dtype=torch.float32)
     with pytest.raises(ConfigError, match="'run.tensorboard' is true but the tensorboard package is not installed"):
         Trainer(_base(tmp_path, run={"tensorboard": True}), train_dataset=GraphListDataset(graphs))
+
+
+def test_stress_loss_on_crystals_batched_with_a_molecule_has_finite_gradients():
+    """A molecule (no volume, no stress label) in a batch with stress-labelled crystals must not turn the
+    gradients NaN (the stress of a zero-volume structure is NaN and masked)."""
+    from ase.build import molecule
+
+    from matkit.graph import atoms_to_graph
+
+    torch.manual_seed(0)
+    model = build("test_pair_mlp", species=[1, 6, 8, 14], cutoff=3.5, hidden=8).double()
+    crystal = mlearn_si_graphs(1, dtype=torch.float64)[0]
+    crystal.has_stress = torch.tensor([True])
+    mol = atoms_to_graph(molecule("CH3OH"), 3.5, dtype=torch.float64, energy=torch.tensor([-30.0], dtype=torch.float64),
+                         forces=torch.zeros(6, 3, dtype=torch.float64),
+                         stress=torch.full((1, 6), float("nan"), dtype=torch.float64))
+    mol.has_stress = torch.tensor([False])
+    batch = batch_graphs([crystal, mol])
+    targets = batch_targets(batch)
+    pred = model.compute(batch, forces=True, stress=True, training=True)
+    assert torch.isnan(pred["stress"][1]).all() and torch.isfinite(pred["stress"][0]).all()
+    loss = loss_terms(pred, targets, loss_counts(targets), {"energy": 1.0, "forces": 1.0, "stress": 1.0})["total"]
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.radial[0].weight.grad.abs().sum() > 0
