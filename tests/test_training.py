@@ -21,7 +21,7 @@ from matkit.graph import batch_graphs
 from matkit.models import build
 from matkit.training import ConfigError, GraphListDataset, Trainer, config_from_dict, load_config, train
 from matkit.training.evaluate import evaluate_model
-from matkit.training.losses import LossCounts, batch_targets, loss_counts, loss_terms, voigt_to_matrix
+from matkit.training.losses import batch_targets, loss_counts, loss_terms, voigt_to_matrix
 from matkit.training.stats import DatasetStatistics, fit_reference_energies
 from test_training_support import mlearn_si_atoms, mlearn_si_graphs
 

@@ -70,6 +70,9 @@ def mlearn_si_atoms(n: int, groups=("AIMD-NVT", "Elastic", "Vacancy")):
     if not MLEARN_SI.exists():
         pytest.skip(f"mlearn data not available at {MLEARN_SI}")
     by_group = {g: [r for r in _mlearn_records() if r["group"] == g] for g in groups}
+    available = sum(len(v) for v in by_group.values())
+    if n > available:
+        raise ValueError(f"only {available} Si cells in the groups {groups}, {n} requested")
     picked = []
     k = 0
     while len(picked) < n:
@@ -109,7 +112,9 @@ def test_pair_mlp_forces_and_stress_match_finite_differences():
     atoms.rattle(0.05, seed=1)
     graph = atoms_to_graph(atoms, 3.5, dtype=torch.float64)
     out = model.compute(graph, forces=True, stress=True)
-    energy = lambda a: float(model.compute(atoms_to_graph(a, 3.5, dtype=torch.float64), forces=False)["energy"])  # noqa: E731
+    def energy(a):
+        return float(model.compute(atoms_to_graph(a, 3.5, dtype=torch.float64), forces=False)["energy"].detach())
+
     h = 1e-5
     for atom, axis in [(0, 0), (5, 2), (17, 1)]:
         plus, minus = atoms.copy(), atoms.copy()

@@ -79,9 +79,9 @@ def load_dataset(path, cutoff: float, dtype: Optional[torch.dtype] = None) -> Da
     if not path.exists():
         raise FileNotFoundError(f"dataset not found: {path}")
     if path.suffix.lower() in (".h5", ".hdf5"):
-        from ..data import HDF5Dataset  # the HDF5 loader lives in matkit.data
+        from ..data.dataset import HDF5Dataset  # the HDF5 loader of matkit.data
 
-        return HDF5Dataset(str(path), cutoff=cutoff)
+        return HDF5Dataset(str(path), cutoff=cutoff, dtype=dtype)
     import ase.io
 
     images = ase.io.read(str(path), index=":")
@@ -89,12 +89,14 @@ def load_dataset(path, cutoff: float, dtype: Optional[torch.dtype] = None) -> Da
 
 
 def structure_sizes(dataset) -> np.ndarray:
-    """Atoms per structure (int64 array), from ``dataset.num_atoms`` when available, else by reading items."""
-    sizes = getattr(dataset, "num_atoms", None)
-    if sizes is not None and not callable(sizes):
-        sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
-        if len(sizes) == len(dataset):
-            return sizes
+    """Atoms per structure (int64 array), from ``dataset.num_atoms`` / ``dataset.n_atoms`` when available
+    (:class:`matkit.data.HDF5Dataset` reads them from the file index), else by reading every item."""
+    for name in ("num_atoms", "n_atoms"):
+        sizes = getattr(dataset, name, None)
+        if sizes is not None and not callable(sizes):
+            sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+            if len(sizes) == len(dataset):
+                return sizes
     return np.array([int(dataset[i].num_nodes) for i in range(len(dataset))], dtype=np.int64)
 
 

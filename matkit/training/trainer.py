@@ -42,7 +42,7 @@ from ..checkpoint import read_checkpoint, save_checkpoint
 from ..models import build, get_class
 from .batching import epoch_batches, flatten_batches, unflatten_batches
 from .config import ConfigError, TrainConfig, config_to_dict
-from .datasets import Subset, dataset_species, load_dataset, structure_sizes
+from .datasets import dataset_species, load_dataset, structure_sizes
 from .ddp import (all_reduce_sum, barrier, cleanup_distributed, detect_distributed, init_distributed,
                   split_global_batch)
 from .evaluate import collate, prepare_batch, run_inference
@@ -64,7 +64,18 @@ TRAINING_STATE_VERSION = 1
 # ---- helpers ------------------------------------------------------------------------------------------------
 def random_split(n: int, val_fraction: float, seed: int):
     """``(train, val)`` index lists: a seeded permutation, the first ``round(val_fraction * n)`` (at least 1
-    when ``val_fraction > 0``) held out for validation."""
+    when ``val_fraction > 0``) held out for validation. Uses :func:`matkit.data.random_split_indices` when the
+    data package is installed, so that ``matkit data`` tools and training agree on the split."""
+    try:
+        from ..data.dataset import random_split_indices
+    except ImportError:
+        random_split_indices = None
+    if random_split_indices is not None:
+        if val_fraction > 0 and n < 2:
+            raise ConfigError(f"config key 'data.val_fraction': cannot hold out a validation split from {n} "
+                              f"structure(s)")
+        train, val = random_split_indices(n, val_fraction, seed)
+        return [int(i) for i in train], [int(i) for i in val]
     n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * n)))
     if n_val >= n:
         raise ConfigError(f"config key 'data.val_fraction' {val_fraction} leaves no training structures "
@@ -456,8 +467,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.update()
         self.epoch_errors.update({k: v.detach() for k, v in pred.items()}, targets)
-        logged = torch.tensor([float(terms[k].detach()) if k in terms else 0.0 for k in ("total", "energy", "forces", "stress")],
-                              dtype=torch.float64)
+        names = ("total", "energy", "forces", "stress")
+        logged = torch.tensor([float(terms[k].detach()) if k in terms else 0.0 for k in names], dtype=torch.float64)
         all_reduce_sum(logged)  # per-rank terms are already normalised by global counts: the sum is global
         result = dict(zip(("loss", "loss_energy", "loss_forces", "loss_stress"), logged.tolist()))
         result.update(lr=lr, grad_norm=grad_norm)
@@ -481,7 +492,7 @@ class Trainer:
                  "device %s, dtype %s", self.model.model_name, sum(p.numel() for p in self.model.parameters()),
                  sum(p.numel() for _, p in self.trainable), self.total_steps, self.steps_per_epoch, self.device,
                  cfg.run.dtype)
-        stopped = False
+        stopped = self._reached_max_steps()  # e.g. resuming a run that already reached optim.max_steps
         while self.epoch < cfg.optim.epochs and not stopped:
             if self.current_batches is None:
                 self.current_batches = self._make_epoch_batches(self.epoch)
@@ -493,9 +504,7 @@ class Trainer:
             padded = [pad for _, pad in parts]
             bar = progress(self._loader(self.train_full, local), total=len(local),
                            desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}", leave=False)
-            if self._reached_max_steps():
-                local = []
-            for position, batch in enumerate(bar if local else []):
+            for position, batch in enumerate(bar):
                 t0 = time.perf_counter()
                 result = self.train_step(prepare_batch(batch, self.device, self.dtype), padded[position])
                 self.elapsed += time.perf_counter() - t0
