@@ -21,7 +21,7 @@ import numpy as np
 from ase import units
 
 from .jsonstream import iter_json_items
-from .schema import Frame, voigt_from_matrix
+from .schema import RESERVED_NAMES, Frame, voigt_from_matrix
 
 __all__ = ["FORMATS", "iter_frames", "convert", "KBAR_VASP_TO_EV_A3", "read_extxyz", "read_asedb", "read_mlearn",
            "read_mptrj", "read_deepmd", "read_mp20csv", "vasp_kbar_to_ase_stress", "mlearn_virial_to_ase_stress"]
@@ -102,7 +102,7 @@ def read_extxyz(path, energy_key: str = "REF_energy", forces_key: str = "REF_for
             virials = np.asarray(atoms.info[virials_key], dtype=np.float64).reshape(3, 3)
             stress = -virials / atoms.get_volume()
         properties = {key: float(value) for key, value in atoms.info.items()
-                      if key not in skip and isinstance(value, (int, float, np.integer, np.floating))
+                      if key not in skip and key not in RESERVED_NAMES and isinstance(value, (int, float, np.integer, np.floating))
                       and not isinstance(value, bool)}
         yield Frame(positions=atoms.positions, atomic_numbers=atoms.numbers, cell=atoms.cell.array, pbc=atoms.pbc,
                     energy=energy, forces=forces, stress=stress,
@@ -128,8 +128,8 @@ def read_asedb(path, id_key: Optional[str] = None, group_key: Optional[str] = No
         atoms = row.toatoms()
         results = atoms.calc.results if atoms.calc is not None else {}
         extra = {**row.get("data", {}), **row.key_value_pairs}
-        properties = {key: float(value) for key, value in extra.items()
-                      if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)}
+        properties = {key: float(value) for key, value in extra.items() if key not in RESERVED_NAMES
+                      and isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)}
         atom_properties = {}
         if results.get("magmoms") is not None:
             atom_properties["magmom"] = np.asarray(results["magmoms"], dtype=np.float64)

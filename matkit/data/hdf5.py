@@ -347,17 +347,19 @@ class FrameFile:
     everything else is read per frame.
     """
 
-    def __init__(self, path, cache_bytes: int = 4 * 2**20):
+    def __init__(self, path, cache_bytes: int = 4 * 2**20, frame_table_bytes: int = 64 * 2**20):
         self.path = os.fspath(path)
         self.cache_bytes = cache_bytes
+        self.frame_table_bytes = frame_table_bytes
         self._h5 = None
         self._pid = None
         self._index = None
+        self._datasets: dict = {}
+        self._tables: dict = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_h5"] = None
-        state["_pid"] = None
+        state.update(_h5=None, _pid=None, _datasets={}, _tables={})
         return state
 
     def _open_raw(self) -> h5py.File:
@@ -380,6 +382,18 @@ class FrameFile:
         if self._h5 is not None and self._pid == os.getpid():
             self._h5.close()
         self._h5 = None
+        self._datasets, self._tables = {}, {}
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        dataset = self._datasets.get(name)
+        if dataset is None:
+            dataset = self._datasets[name] = self.h5[name]
+        return dataset
+
+    def _frame_value(self, name: str, i: int):
+        """Row ``i`` of a per-frame dataset, from the in-memory table when the file's tables are preloaded."""
+        table = self._tables.get(name)
+        return table[i] if table is not None else self._dataset(name)[i]
 
     def _load_index(self) -> None:
         h5 = self._h5
@@ -394,6 +408,11 @@ class FrameFile:
         self._index = (offsets, n_atoms)
         self.property_names = sorted(h5["frames/properties"]) if "frames/properties" in h5 else []
         self.atom_property_names = sorted(h5["atoms/properties"]) if "atoms/properties" in h5 else []
+        self._datasets, self._tables = {}, {}
+        numeric = [f"frames/{k}" for k in ("cell", "pbc", "energy", "stress", "has_energy", "has_forces",
+                                             "has_stress")] + [f"frames/properties/{k}" for k in self.property_names]
+        if sum(h5[k].dtype.itemsize * int(np.prod(h5[k].shape[1:])) for k in numeric) * n <= self.frame_table_bytes:
+            self._tables = {k: h5[k][:n] for k in numeric}  # small per-frame tables: one read at open
 
     def check_structure(self, h5: h5py.File) -> None:
         """Raise :class:`HDF5FormatError` naming the problem: schema, missing key, short dataset, bad offsets."""
@@ -444,26 +463,26 @@ class FrameFile:
         if not -n_frames <= i < n_frames:
             raise IndexError(f"frame index {i} out of range for {n_frames} frames in {self.path}")
         i = int(i) % n_frames
-        h5 = self.h5
-        offsets, n_atoms = self._index
+        offsets, n_atoms = self.index
         a, b = int(offsets[i]), int(offsets[i] + n_atoms[i])
+        atoms, frame = self._dataset, self._frame_value
         try:
             out = {
-                "positions": h5["atoms/positions"][a:b],
-                "atomic_numbers": h5["atoms/atomic_numbers"][a:b],
-                "forces": h5["atoms/forces"][a:b],
-                "cell": h5["frames/cell"][i],
-                "pbc": h5["frames/pbc"][i],
-                "energy": h5["frames/energy"][i],
-                "stress": h5["frames/stress"][i],
-                "has_energy": bool(h5["frames/has_energy"][i]),
-                "has_forces": bool(h5["frames/has_forces"][i]),
-                "has_stress": bool(h5["frames/has_stress"][i]),
+                "positions": atoms("atoms/positions")[a:b],
+                "atomic_numbers": atoms("atoms/atomic_numbers")[a:b],
+                "forces": atoms("atoms/forces")[a:b],
+                "cell": frame("frames/cell", i),
+                "pbc": frame("frames/pbc", i),
+                "energy": frame("frames/energy", i),
+                "stress": frame("frames/stress", i),
+                "has_energy": bool(frame("frames/has_energy", i)),
+                "has_forces": bool(frame("frames/has_forces", i)),
+                "has_stress": bool(frame("frames/has_stress", i)),
             }
             for name in self.property_names if properties is None else properties:
-                out[name] = h5[f"frames/properties/{name}"][i]
+                out[name] = frame(f"frames/properties/{name}", i)
             for name in self.atom_property_names if atom_properties is None else atom_properties:
-                out[name] = h5[f"atoms/properties/{name}"][a:b]
+                out[name] = atoms(f"atoms/properties/{name}")[a:b]
         except KeyError as err:
             raise KeyError(f"{self.path}: frame {i}: missing key {err}") from None
         except (OSError, RuntimeError) as err:
@@ -471,8 +490,8 @@ class FrameFile:
         return out
 
     def read_strings(self, i: int) -> dict:
-        h5 = self.h5
-        return {key: h5[f"frames/{key}"].asstr()[i] for key in STRING_KEYS}
+        self.h5  # noqa: B018 - (re)opens in a new process before the cached handles are used
+        return {key: self._dataset(f"frames/{key}").asstr()[i] for key in STRING_KEYS}
 
     def __getitem__(self, i: int) -> Frame:
         arrays = self.read_arrays(i)

@@ -61,6 +61,11 @@ STRING_KEYS = ("ids", "groups", "sources")
 #: core labels, each with a presence flag ``has_<label>``
 LABELS = ("energy", "forces", "stress")
 
+#: names an extra property may not take (they are core labels or graph attributes)
+RESERVED_NAMES = frozenset({"energy", "forces", "stress", "free_energy", "positions", "pos", "atomic_numbers",
+                            "numbers", "cell", "pbc", "edge_index", "shifts", "batch", "ptr", "num_nodes",
+                            "frame_index", "frame_id", "has_energy", "has_forces", "has_stress", "x", "y"})
+
 #: plausibility limits used by ``check_units`` (values beyond them almost surely have the wrong unit)
 MAX_ABS_STRESS = 5.0  # eV/Å^3 (801 GPa); 1 kBar = 6.2e-4 eV/Å^3, so a kBar-valued stress trips it quickly
 MAX_ABS_FORCE = 1.0e4  # eV/Å
@@ -199,6 +204,9 @@ def validate_frame(frame: Frame, index: int, check_units: bool = True) -> Frame:
             stress = voigt_from_matrix(raw)
         else:
             stress = _float_array(raw, "stress", (6,), where)
+    for key in (*frame.properties, *frame.atom_properties):
+        if key in RESERVED_NAMES or not str(key) or "/" in str(key):
+            raise FrameValidationError(f"{where}: property name {key!r} is reserved or invalid")
     properties = {}
     for key, value in frame.properties.items():
         if value is None:
