@@ -205,6 +205,10 @@ def compute_properties(model: Potential, graph, forces: bool = True, stress: boo
             out["forces"] = -grads[0]
         if stress:
             volume = torch.linalg.det(graph.cell).abs()
-            volume = torch.where(volume > 0, volume, torch.full_like(volume, float("nan")))
-            out["stress"] = grads[-1] / volume.view(-1, 1, 1)
+            has_volume = (volume > 0).view(-1, 1, 1)
+            # divide by 1 where there is no volume, then put NaN there: a NaN divisor would make the gradient of
+            # a (masked) stress loss NaN for the whole batch when molecules and crystals are trained together
+            divisor = torch.where(has_volume, volume.view(-1, 1, 1), torch.ones_like(volume.view(-1, 1, 1)))
+            stress = grads[-1] / divisor
+            out["stress"] = torch.where(has_volume, stress, torch.full_like(stress, float("nan")))
     return out

@@ -1,0 +1,119 @@
+"""``matkit train`` and ``matkit evaluate`` sub-commands.
+
+::
+
+    matkit train config.yaml [optim.lr=1e-3 run.out_dir=runs/x ...] [--resume [latest.pt]]
+    torchrun --nproc_per_node=4 $(which matkit) train config.yaml      # data-parallel (also srun)
+    matkit evaluate runs/x/best.pt datasets/si.h5 [--json errors.json] [--indices val]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+__all__ = ["register", "run_train", "run_evaluate"]
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser(
+        "train", help="train a potential from a YAML configuration",
+        description="Train a potential. Overrides are dotted keys, e.g. optim.lr=1e-3 data.batch_size=4. "
+                    "For several processes launch with torchrun (or srun): each rank gets part of each batch.")
+    train.add_argument("config", help="YAML training configuration (see examples/train_config.yaml)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
+    train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                       help="continue a run exactly from CHECKPOINT (default: <run.out_dir>/latest.pt)")
+    train.set_defaults(func=run_train)
+
+    evaluate = subparsers.add_parser(
+        "evaluate", help="errors of a checkpoint on a labelled dataset",
+        description="MAE and RMSE of energy per atom, force components and stress components.")
+    evaluate.add_argument("checkpoint", help="matkit checkpoint (.pt)")
+    evaluate.add_argument("dataset", help="labelled dataset (.h5 matkit HDF5, or extxyz / ASE-readable)")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                          help="default: the checkpoint's parameter dtype")
+    evaluate.add_argument("--split", choices=["all", "val", "train"], default="all",
+                          help="with a checkpoint from `matkit train`: evaluate only its validation or training "
+                               "split of the same dataset file")
+    evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def run_train(args) -> int:
+    from .config import ConfigError, load_config
+    from .trainer import train
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"matkit train: {err}", file=sys.stderr)
+        return 2
+    resume = args.resume
+    if resume == "auto":
+        resume = str(Path(config.run.out_dir) / "latest.pt")
+        if not Path(resume).exists():
+            print(f"matkit train: --resume: {resume} does not exist", file=sys.stderr)
+            return 2
+    try:
+        summary = train(config, resume=resume)
+    except ConfigError as err:
+        print(f"matkit train: {err}", file=sys.stderr)
+        return 2
+    best = summary.get("best_val_metrics") or {}
+    if best:
+        from .evaluate import format_metrics_table
+
+        print("validation split, best model (EMA weights):")
+        print(format_metrics_table(best))
+    return 0
+
+
+def run_evaluate(args) -> int:
+    import torch
+
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from .datasets import load_dataset
+    from .evaluate import evaluate_model, format_metrics_table, metrics_json
+
+    try:
+        model, payload = load_checkpoint(args.checkpoint, return_payload=True)
+    except CheckpointError as err:
+        print(f"matkit evaluate: {err}", file=sys.stderr)
+        return 2
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(args.dtype) if args.dtype else None
+    if dtype is not None:
+        model = model.to(dtype)
+    try:
+        dataset = load_dataset(args.dataset, model.cutoff, dtype=dtype)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"matkit evaluate: {err}", file=sys.stderr)
+        return 2
+    indices = None
+    if args.split != "all":
+        state = payload.get("training_state")
+        meta_split = (payload.get("metadata") or {}).get(f"{args.split}_indices")
+        if state is not None:
+            indices = state[f"{args.split}_indices"].tolist()
+        elif meta_split is not None:
+            indices = list(meta_split)
+        else:
+            print(f"matkit evaluate: --split {args.split}: the checkpoint records no split", file=sys.stderr)
+            return 2
+    progress = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        progress = lambda it: tqdm(it, desc="evaluate")  # noqa: E731
+    result = evaluate_model(model, dataset, batch_size=args.batch_size, device=args.device, dtype=dtype,
+                            indices=indices, progress=progress)
+    n = len(dataset) if indices is None else len(indices)
+    metrics = result.metrics()
+    print(f"{payload['model']} checkpoint {args.checkpoint} on {args.dataset} ({args.split}):")
+    print(format_metrics_table(metrics, n))
+    if args.json:
+        Path(args.json).write_text(metrics_json(metrics, checkpoint=str(args.checkpoint), dataset=str(args.dataset),
+                                                split=args.split, structures=n) + "\n")
+    return 0

@@ -1,0 +1,154 @@
+"""Error metrics of a potential on a labelled dataset: ``matkit evaluate CHECKPOINT DATASET``.
+
+Energy errors are per atom (eV/atom), force errors per Cartesian component (eV/Å), stress errors per
+component of the 3x3 tensor (eV/Å^3); MAE and RMSE over all labelled items.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..graph import batch_graphs
+from .ddp import all_reduce_sum
+from .losses import ErrorAccumulator, LossCounts, batch_targets, loss_terms
+
+__all__ = ["Predictions", "InferenceResult", "prepare_batch", "run_inference", "evaluate_model",
+           "format_metrics_table"]
+
+_FLOAT_KEYS = ("pos", "cell", "shifts", "forces", "stress")
+
+
+def prepare_batch(batch, device: torch.device, dtype: torch.dtype):
+    """Move a PyG batch to ``device`` and cast positions, cell, shifts and force/stress labels to ``dtype``
+    (energies stay float64)."""
+    batch = batch.to(device)
+    for key in _FLOAT_KEYS:
+        value = getattr(batch, key, None)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+            setattr(batch, key, value.to(dtype))
+    return batch
+
+
+def collate(graphs):
+    return batch_graphs(graphs)
+
+
+@dataclass
+class Predictions:
+    """Collected per-atom energies and force components (model vs reference) for parity plots."""
+
+    energy_pred: List[np.ndarray] = field(default_factory=list)
+    energy_ref: List[np.ndarray] = field(default_factory=list)
+    forces_pred: List[np.ndarray] = field(default_factory=list)
+    forces_ref: List[np.ndarray] = field(default_factory=list)
+
+    def add(self, pred, targets) -> None:
+        natoms = targets.natoms.to(torch.float64)
+        mask = targets.energy_mask
+        self.energy_pred.append((pred["energy"].detach() / natoms)[mask].cpu().numpy())
+        self.energy_ref.append((targets.energy / natoms)[mask].cpu().numpy())
+        if "forces" in pred:
+            fmask = targets.forces_mask
+            self.forces_pred.append(pred["forces"].detach()[fmask].reshape(-1).double().cpu().numpy())
+            self.forces_ref.append(targets.forces[fmask].reshape(-1).double().cpu().numpy())
+
+    def arrays(self) -> Dict[str, np.ndarray]:
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
+        return {"energy_pred": cat(self.energy_pred), "energy_ref": cat(self.energy_ref),
+                "forces_pred": cat(self.forces_pred), "forces_ref": cat(self.forces_ref)}
+
+
+@dataclass
+class InferenceResult:
+    errors: ErrorAccumulator
+    loss_sums: torch.Tensor      # (3,) summed penalties: energy, forces, stress
+    counts: torch.Tensor         # (3,) labelled items: structures with energy, force and stress components
+    predictions: Optional[Predictions] = None
+
+    def metrics(self) -> Dict[str, Optional[float]]:
+        return self.errors.metrics()
+
+    def loss(self, weights: Dict[str, float]) -> float:
+        total = 0.0
+        for k, key in enumerate(("energy", "forces", "stress")):
+            if weights.get(key, 0.0) > 0 and float(self.counts[k]) > 0:
+                total += weights[key] * float(self.loss_sums[k]) / float(self.counts[k])
+        return total
+
+
+def run_inference(model, loader, device: torch.device, dtype: torch.dtype, stress: Optional[bool] = None,
+                  weights: Optional[Dict[str, float]] = None, kind: str = "mse", huber_delta: float = 0.01,
+                  collect: bool = False, reduce: bool = True, progress=None) -> InferenceResult:
+    """Predict every batch of ``loader`` and accumulate errors (and loss sums with ``weights``).
+
+    ``stress=None`` computes stress only for batches that carry stress labels. With ``reduce`` the sums are
+    added over ranks (each rank passes its own shard).
+    """
+    model.eval()
+    errors = ErrorAccumulator(device)
+    loss_sums = torch.zeros(3, dtype=torch.float64, device=device)
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    weights = weights or {"energy": 1.0, "forces": 1.0, "stress": 1.0}
+    predictions = Predictions() if collect else None
+    unit = LossCounts(1.0, 1.0, 1.0)  # raw sums; divided by the totals at the end
+    for batch in (progress(loader) if progress else loader):
+        batch = prepare_batch(batch, device, dtype)
+        want_stress = stress if stress is not None else getattr(batch, "stress", None) is not None
+        with torch.enable_grad():
+            pred = model.compute(batch, forces=True, stress=want_stress, training=False)
+        pred = {k: v.detach() for k, v in pred.items()}
+        targets = batch_targets(batch)
+        errors.update(pred, targets)
+        terms = loss_terms(pred, targets, unit, {k: 1.0 for k in ("energy", "forces", "stress")
+                                                 if k != "stress" or want_stress}, kind, huber_delta)
+        for k, key in enumerate(("energy", "forces", "stress")):
+            if key in terms:
+                loss_sums[k] += terms[key].detach()
+        counts += torch.tensor([float(targets.energy_mask.sum()), 3.0 * float(targets.forces_mask.sum()),
+                                9.0 * float(targets.stress_mask.sum()) if want_stress else 0.0],
+                               dtype=torch.float64, device=device)
+        if predictions is not None:
+            predictions.add(pred, targets)
+    if reduce:
+        all_reduce_sum(errors.sums)
+        all_reduce_sum(loss_sums)
+        all_reduce_sum(counts)
+    return InferenceResult(errors, loss_sums, counts, predictions)
+
+
+def evaluate_model(model, dataset, batch_size: int = 16, device="cpu", dtype: Optional[torch.dtype] = None,
+                   stress: Optional[bool] = None, indices: Optional[Sequence[int]] = None,
+                   collect: bool = False, progress=None) -> InferenceResult:
+    """Errors of ``model`` on ``dataset`` (optionally only ``indices``) in one process."""
+    device = torch.device(device)
+    model = model.to(device)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    indices = list(range(len(dataset))) if indices is None else [int(i) for i in indices]
+    batches = [indices[k:k + batch_size] for k in range(0, len(indices), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
+    return run_inference(model, loader, device, dtype, stress=stress, collect=collect, reduce=False,
+                         progress=progress)
+
+
+def format_metrics_table(metrics: Dict[str, Optional[float]], n_structures: Optional[int] = None) -> str:
+    """A fixed-width text table of MAE/RMSE (energy in meV/atom, forces in meV/Å, stress in meV/Å^3)."""
+    rows = [("energy", "meV/atom"), ("forces", "meV/Å"), ("stress", "meV/Å^3")]
+    lines = [f"{'quantity':<10}{'unit':>10}{'MAE':>12}{'RMSE':>12}"]
+    for key, unit in rows:
+        mae, rmse = metrics.get(f"{key}_mae"), metrics.get(f"{key}_rmse")
+        fmt = lambda x: f"{1000.0 * x:12.3f}" if x is not None else f"{'n/a':>12}"  # noqa: E731
+        lines.append(f"{key:<10}{unit:>10}{fmt(mae)}{fmt(rmse)}")
+    if n_structures is not None:
+        lines.append(f"({n_structures} structures)")
+    return "\n".join(lines)
+
+
+def metrics_json(metrics: Dict[str, Optional[float]], **info) -> str:
+    return json.dumps({"units": {"energy": "eV/atom", "forces": "eV/Angstrom", "stress": "eV/Angstrom^3"},
+                       **info, "metrics": metrics}, indent=2)

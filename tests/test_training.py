@@ -1,0 +1,349 @@
+"""Training: configuration validation, losses, data statistics, the force-loss gradient, a real training
+run on mlearn Si DFT data (errors fall, logs, checkpoints, parity plots), fine-tuning with frozen modules,
+and the ``matkit train`` / ``matkit evaluate`` commands checked against an independent ASE computation."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase.stress import voigt_6_to_full_3x3_stress
+
+from matkit.calculator import MatkitCalculator
+from matkit.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from matkit.cli import main as matkit_main
+from matkit.graph import batch_graphs
+from matkit.models import build
+from matkit.training import ConfigError, GraphListDataset, Trainer, config_from_dict, load_config, train
+from matkit.training.evaluate import evaluate_model
+from matkit.training.losses import batch_targets, loss_counts, loss_terms, voigt_to_matrix
+from matkit.training.stats import DatasetStatistics, fit_reference_energies
+from test_training_support import mlearn_si_atoms, mlearn_si_graphs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _base(out_dir, **sections):
+    cfg = {
+        "model": {"name": "test_pair_mlp", "hparams": {"cutoff": 3.5, "hidden": 8}},
+        "data": {"batch_size": 4, "val_fraction": 0.25, "seed": 0},
+        "loss": {"energy_weight": 1.0, "forces_weight": 1.0, "stress_weight": 1.0},
+        "optim": {"lr": 2e-2, "epochs": 2, "warmup_steps": 2},
+        "run": {"out_dir": str(out_dir), "seed": 0, "parity_plots": False},
+    }
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    return config_from_dict(cfg)
+
+
+# ---- configuration ----------------------------------------------------------------------------------------------
+def test_example_config_loads_with_overrides():
+    config = load_config(ROOT / "examples/train_config.yaml", ["optim.lr=5e-4", "data.batch_size=3",
+                                                              "finetune.freeze=[embedding]"])
+    assert config.optim.lr == 5e-4 and config.data.batch_size == 3 and config.finetune.freeze == ["embedding"]
+    assert config.model.name == "tensornet" and config.loss.forces_weight == 10.0
+    assert config.optim.betas == [0.9, 0.999] and config.run.dtype == "float32"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"optim": {"lrr": 1e-3}}, "unknown config key 'optim.lrr'; did you mean 'lr'?"),
+    ({"modle": {"name": "x"}}, "unknown config key 'modle'; did you mean 'model'?"),
+    ({"optim": {"lr": "fast"}}, "config key 'optim.lr' must be a number, got str 'fast'"),
+    ({"run": {"deterministic": "yes"}}, "config key 'run.deterministic' must be true or false"),
+    ({"data": {"batch_size": 2.5}}, "config key 'data.batch_size' must be an integer, got float 2.5"),
+    ({"optim": {"schedule": "linear"}}, "config key 'optim.schedule' must be one of 'cosine', 'plateau', 'constant'"),
+    ({"finetune": {"freeze": "embedding"}}, "config key 'finetune.freeze' must be list of str"),
+    ({"optim": {"lr": -1.0}}, "config key 'optim.lr' must be > 0"),
+    ({"loss": {"energy_weight": 0, "forces_weight": 0}}, "config key 'loss' at least one of"),
+    ({"model": {"name": "test_pair_mlp", "scale": "rms"}}, "config key 'model.scale' must be a number or one of"),
+    ({"optim": 3}, "config key 'optim' must be a mapping"),
+])
+def test_config_errors_name_the_key(data, message):
+    data = {"model": {"name": "test_pair_mlp"}, **data} if "modle" not in data else data
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert message in str(err.value)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(ROOT / "examples/train_config.yaml", ["optim.lr"])
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+# ---- losses -----------------------------------------------------------------------------------------------------
+def test_voigt_conversion_matches_ase():
+    voigt = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]], dtype=torch.float64)
+    np.testing.assert_array_equal(voigt_to_matrix(voigt)[0].numpy(), voigt_6_to_full_3x3_stress(voigt[0].numpy()))
+
+
+def test_loss_terms_match_a_hand_computation_with_masks():
+    graphs = mlearn_si_graphs(3, dtype=torch.float64)
+    for k, graph in enumerate(graphs):                  # stress label of structure 1 not available
+        graph.has_stress = torch.tensor([k != 1])
+    graphs[2].forces = graphs[2].forces.clone()
+    graphs[2].forces[0, 1] = float("nan")               # one atom without a force label
+    batch = batch_graphs(graphs)
+    targets = batch_targets(batch)
+    gen = torch.Generator().manual_seed(0)
+    pred = {"energy": targets.energy + torch.randn(3, generator=gen, dtype=torch.float64),
+            "forces": targets.forces + torch.randn(targets.forces.shape, generator=gen, dtype=torch.float64),
+            "stress": targets.stress + 1e-3 * torch.randn(3, 3, 3, generator=gen, dtype=torch.float64)}
+    counts = loss_counts(targets)
+    assert (counts.energy, counts.forces, counts.stress) == (3, 3 * (sum(g.num_nodes for g in graphs) - 1), 18)
+    weights = {"energy": 2.0, "forces": 3.0, "stress": 5.0}
+    terms = loss_terms(pred, targets, counts, weights)
+
+    natoms = np.array([g.num_nodes for g in graphs])
+    e_ref = np.array([float(g.energy) for g in graphs])
+    e_term = np.mean(((pred["energy"].numpy() - e_ref) / natoms) ** 2)
+    f_ref = np.concatenate([g.forces.numpy() for g in graphs])
+    f_diff = pred["forces"].numpy() - f_ref
+    f_diff_atom = f_diff[graphs[0].num_nodes + graphs[1].num_nodes]
+    f_term = (np.nansum(f_diff ** 2) - np.nansum(f_diff_atom ** 2)) / (f_diff.size - 3)  # NaN atom dropped
+    s_ref = [voigt_6_to_full_3x3_stress(g.stress[0].numpy()) for g in graphs]
+    s_term = sum(np.sum((pred["stress"][k].numpy() - s_ref[k]) ** 2) for k in (0, 2)) / 18
+    assert float(terms["energy"]) == pytest.approx(e_term, rel=1e-12)
+    assert float(terms["forces"]) == pytest.approx(f_term, rel=1e-12)
+    assert float(terms["stress"]) == pytest.approx(s_term, rel=1e-12)
+    assert float(terms["total"]) == pytest.approx(2 * e_term + 3 * f_term + 5 * s_term, rel=1e-12)
+    # global normalisation: the halves of a batch, each divided by the whole batch's counts, add up
+    halves = [batch_graphs(graphs[:1]), batch_graphs(graphs[1:])]
+    pieces = []
+    for part, sl in zip(halves, (slice(0, 1), slice(1, 3))):
+        t = batch_targets(part)
+        atoms = slice(0, graphs[0].num_nodes) if sl.start == 0 else slice(graphs[0].num_nodes, None)
+        p = {"energy": pred["energy"][sl], "forces": pred["forces"][atoms], "stress": pred["stress"][sl]}
+        pieces.append(float(loss_terms(p, t, counts, weights)["total"]))
+    assert sum(pieces) == pytest.approx(float(terms["total"]), rel=1e-12)
+    huber = loss_terms(pred, targets, counts, weights, kind="huber", huber_delta=0.01)
+    assert 0 < float(huber["total"]) < float(terms["total"])
+
+
+def test_force_loss_gradient_trains_the_weights():
+    """The force term's gradient w.r.t. a weight (through create_graph) equals a finite difference."""
+    torch.manual_seed(0)
+    model = build("test_pair_mlp", species=[14], cutoff=3.5, hidden=8).double()
+    batch = batch_graphs(mlearn_si_graphs(2, dtype=torch.float64))
+    targets = batch_targets(batch)
+    counts = loss_counts(targets)
+    weights = {"energy": 0.0, "forces": 1.0, "stress": 0.0}
+
+    def force_loss():
+        return loss_terms(model.compute(batch, forces=True, training=True), targets, counts, weights)["total"]
+
+    loss = force_loss()
+    loss.backward()
+    param = model.radial[0].weight
+    grad = float(param.grad[3, 2])
+    assert abs(grad) > 1e-6
+    h = 1e-6
+    values = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            param[3, 2] += sign * h
+            with torch.enable_grad():
+                values.append(float(force_loss()))
+            param[3, 2] -= sign * h
+    assert grad == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-5)
+
+
+# ---- statistics --------------------------------------------------------------------------------------------------
+def test_reference_energy_fit_recovers_known_values():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 6, size=(30, 4)).astype(float)
+    counts[:, 3] = 0                                  # element 3 never appears
+    counts[counts.sum(axis=1) == 0, 0] = 1
+    e0 = np.array([-3.2, -7.9, -1.5, 0.0])
+    stats = DatasetStatistics(counts, counts @ e0, 0.0, 0)
+    np.testing.assert_allclose(fit_reference_energies(stats), e0, atol=1e-10)
+
+
+def test_trainer_fits_reference_energy_scale_and_shift_on_the_training_split(tmp_path):
+    images = mlearn_si_atoms(16)
+    graphs = mlearn_si_graphs(16, dtype=torch.float32)
+    trainer = Trainer(_base(tmp_path), train_dataset=GraphListDataset(graphs))
+    try:
+        train_idx, val_idx = trainer.train_indices, trainer.val_indices
+        assert len(val_idx) == 4 and not set(train_idx) & set(val_idx)
+        n = np.array([len(images[i]) for i in train_idx], dtype=float)
+        e = np.array([images[i].get_potential_energy() for i in train_idx])
+        e0 = float(n @ e / (n @ n))                  # least squares for one element
+        shift = float(np.mean((e - n * e0) / n))
+        forces = np.concatenate([images[i].get_forces() for i in train_idx])
+        scale = float(np.sqrt(np.mean(forces ** 2)))
+        assert float(trainer.model.atomic_reference_energies[0]) == pytest.approx(e0, rel=1e-12)
+        assert float(trainer.model.shift) == pytest.approx(shift, rel=1e-9, abs=1e-12)
+        assert float(trainer.model.scale) == pytest.approx(scale, rel=1e-6)
+    finally:
+        trainer.close()
+
+
+# ---- a training run -----------------------------------------------------------------------------------------------
+def test_training_reduces_validation_errors_and_writes_outputs(tmp_path):
+    graphs = mlearn_si_graphs(24, dtype=torch.float32)
+    config = _base(tmp_path, optim={"epochs": 10, "ema_decay": 0.8}, run={"parity_plots": True, "log_every": 2})
+    trainer = Trainer(config, train_dataset=GraphListDataset(graphs))
+    initial_loss, initial = trainer.validate()
+    summary = trainer.fit()
+    best = summary["best_val_metrics"]
+    # 18 training cells, 50 steps: the validation force and energy errors must fall clearly
+    assert best["forces_mae"] < 0.7 * initial["forces_mae"], (initial, best)
+    assert best["energy_mae"] < initial["energy_mae"]
+    assert summary["best_val_loss"] < 0.5 * initial_loss
+
+    with open(tmp_path / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["kind"] for r in rows].count("step") == 25 and [r["kind"] for r in rows].count("epoch") == 10
+    assert all(float(r["lr"]) > 0 for r in rows)
+    for name in ("parity_energy.png", "parity_forces.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held out of the training data and never trained on" in (tmp_path / "train.log").read_text()
+
+    # best.pt holds the EMA weights that were validated: re-evaluating them gives the logged metrics
+    model, payload = load_checkpoint(tmp_path / "best.pt", return_payload=True)
+    assert payload["metadata"]["val_loss"] == summary["best_val_loss"]
+    again = evaluate_model(model, GraphListDataset(graphs), indices=payload["metadata"]["val_indices"],
+                           batch_size=4, dtype=torch.float32).metrics()
+    for key, value in payload["metadata"]["val_metrics"].items():
+        assert again[key] == pytest.approx(value, rel=1e-6), key
+    latest = read_checkpoint(tmp_path / "latest.pt")
+    ema = latest["training_state"]["ema"]["shadow"]
+    raw = latest["state_dict"]
+    assert not torch.equal(ema["radial.0.weight"], raw["radial.0.weight"])  # the EMA is a different average
+
+
+def test_finetune_keeps_frozen_modules_and_output_transform(tmp_path):
+    torch.manual_seed(1)
+    start = build("test_pair_mlp", species=[14], cutoff=3.5, hidden=8)
+    with torch.no_grad():
+        start.atomic_reference_energies.fill_(-5.2)
+        start.scale.fill_(0.7)
+        start.shift.fill_(0.01)
+    save_checkpoint(start, tmp_path / "start.pt")
+    graphs = mlearn_si_graphs(12, dtype=torch.float32)
+    config = config_from_dict({
+        "finetune": {"from_checkpoint": str(tmp_path / "start.pt"), "freeze": ["embedding", "radial.0"]},
+        "data": {"batch_size": 4}, "optim": {"lr": 1e-2, "epochs": 1},
+        "run": {"out_dir": str(tmp_path / "ft"), "parity_plots": False}})
+    train(config, train_dataset=GraphListDataset(graphs))
+    before = start.state_dict()
+    after = read_checkpoint(tmp_path / "ft/latest.pt")["state_dict"]
+    for key in ("embedding.weight", "radial.0.weight", "radial.0.bias", "atomic_reference_energies", "scale",
+                "shift"):
+        assert torch.equal(before[key], after[key]), key
+    for key in ("radial.2.weight", "readout.0.weight", "readout.2.bias"):
+        assert not torch.equal(before[key], after[key]), key
+
+    bad = config_from_dict({"finetune": {"from_checkpoint": str(tmp_path / "start.pt"), "freeze": ["embeding"]},
+                            "run": {"out_dir": str(tmp_path / "bad")}})
+    with pytest.raises(ConfigError, match=r"'finetune.freeze': 'embeding' matches no parameter.*'embedding'"):
+        train(bad, train_dataset=GraphListDataset(graphs))
+
+
+# ---- command line ------------------------------------------------------------------------------------------------
+def test_cli_train_and_evaluate_agree_with_ase(tmp_path, capsys):
+    images = mlearn_si_atoms(12)
+    data = tmp_path / "si.extxyz"
+    ase.io.write(data, images, format="extxyz")
+    cfg = {"model": {"name": "test_pair_mlp", "module": "test_training_support", "hparams": {"cutoff": 3.5}},
+           "data": {"train": str(data), "batch_size": 4, "val_fraction": 0.25},
+           "optim": {"lr": 1e-2, "epochs": 1}, "loss": {"stress_weight": 1.0},
+           "run": {"out_dir": str(tmp_path / "run"), "parity_plots": False, "progress": "off"}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert matkit_main(["train", str(tmp_path / "c.yaml"), "optim.max_steps=2"]) == 0
+    assert "validation split, best model" in capsys.readouterr().out
+    assert int(read_checkpoint(tmp_path / "run/latest.pt")["training_state"]["step"]) == 2
+
+    out_json = tmp_path / "errors.json"
+    assert matkit_main(["evaluate", str(tmp_path / "run/best.pt"), str(data), "--json", str(out_json),
+                        "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "forces" in table and "meV/atom" in table
+    metrics = json.loads(out_json.read_text())["metrics"]
+    calc = MatkitCalculator(tmp_path / "run/best.pt", dtype="float32", skin=0.0)
+    de, df, ds = [], [], []
+    for atoms in images:
+        ref_e, ref_f, ref_s = atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress(voigt=False)
+        copy = atoms.copy()
+        copy.calc = calc
+        de.append((copy.get_potential_energy() - ref_e) / len(atoms))
+        df.append((copy.get_forces() - ref_f).ravel())
+        ds.append((copy.get_stress(voigt=False) - ref_s).ravel())
+    de, df, ds = np.array(de), np.concatenate(df), np.concatenate(ds)
+    assert metrics["energy_mae"] == pytest.approx(np.abs(de).mean(), rel=1e-4)
+    assert metrics["energy_rmse"] == pytest.approx(np.sqrt((de ** 2).mean()), rel=1e-4)
+    assert metrics["forces_mae"] == pytest.approx(np.abs(df).mean(), rel=1e-4)
+    assert metrics["stress_mae"] == pytest.approx(np.abs(ds).mean(), rel=1e-3)
+
+    assert matkit_main(["evaluate", str(tmp_path / "run/best.pt"), str(data), "--split", "val",
+                        "--no-progress"]) == 0
+    assert "(3 structures)" in capsys.readouterr().out
+    # --resume continues from run.out_dir/latest.pt
+    assert matkit_main(["train", str(tmp_path / "c.yaml"), "optim.max_steps=3", "--resume"]) == 0
+    assert int(read_checkpoint(tmp_path / "run/latest.pt")["training_state"]["step"]) == 3
+    assert "resumed from" in (tmp_path / "run/train.log").read_text()
+    assert matkit_main(["train", str(tmp_path / "c.yaml"), "optim.lr=fast"]) == 2
+    assert "config key 'optim.lr' must be a number" in capsys.readouterr().err
+
+
+def test_lr_schedules():
+    from matkit.training.schedule import LRSchedule
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    cosine = LRSchedule(opt, 1e-2, "cosine", total_steps=12, warmup_steps=2, min_ratio=0.1)
+    assert cosine.lr_at(0) == pytest.approx(1e-2 / 3) and cosine.lr_at(1) == pytest.approx(2e-2 / 3)
+    assert cosine.lr_at(2) == pytest.approx(1e-2)
+    assert cosine.lr_at(7) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))        # half-way through the decay
+    assert cosine.lr_at(12) == pytest.approx(1e-3) and cosine.lr_at(50) == pytest.approx(1e-3)
+    assert cosine.apply(7) == opt.param_groups[0]["lr"]
+    plateau = LRSchedule(opt, 1e-2, "plateau", total_steps=100, factor=0.5, patience=2)
+    for loss in (1.0, 0.9, 0.95, 0.95, 0.91):        # 3 epochs without improvement > patience 2
+        plateau.observe_validation(loss)
+    assert plateau.lr_at(10) == pytest.approx(5e-3)
+    restored = LRSchedule(opt, 1e-2, "plateau", total_steps=100, factor=0.5, patience=2)
+    restored.load_state_dict(plateau.state_dict())
+    assert restored.lr_at(10) == plateau.lr_at(10) and restored.best == 0.9
+
+
+def test_tensorboard_request_without_the_package_is_a_clear_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    graphs = mlearn_si_graphs(8, dtype=torch.float32)
+    with pytest.raises(ConfigError, match="'run.tensorboard' is true but the tensorboard package is not installed"):
+        Trainer(_base(tmp_path, run={"tensorboard": True}), train_dataset=GraphListDataset(graphs))
+
+
+def test_stress_loss_on_crystals_batched_with_a_molecule_has_finite_gradients():
+    """A molecule (no volume, no stress label) in a batch with stress-labelled crystals must not turn the
+    gradients NaN (the stress of a zero-volume structure is NaN and masked)."""
+    from ase.build import molecule
+
+    from matkit.graph import atoms_to_graph
+
+    torch.manual_seed(0)
+    model = build("test_pair_mlp", species=[1, 6, 8, 14], cutoff=3.5, hidden=8).double()
+    crystal = mlearn_si_graphs(1, dtype=torch.float64)[0]
+    crystal.has_stress = torch.tensor([True])
+    mol = atoms_to_graph(molecule("CH3OH"), 3.5, dtype=torch.float64, energy=torch.tensor([-30.0], dtype=torch.float64),
+                         forces=torch.zeros(6, 3, dtype=torch.float64),
+                         stress=torch.full((1, 6), float("nan"), dtype=torch.float64))
+    mol.has_stress = torch.tensor([False])
+    batch = batch_graphs([crystal, mol])
+    targets = batch_targets(batch)
+    pred = model.compute(batch, forces=True, stress=True, training=True)
+    assert torch.isnan(pred["stress"][1]).all() and torch.isfinite(pred["stress"][0]).all()
+    loss = loss_terms(pred, targets, loss_counts(targets), {"energy": 1.0, "forces": 1.0, "stress": 1.0})["total"]
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.radial[0].weight.grad.abs().sum() > 0
