@@ -46,6 +46,13 @@ class AtomicGraph(Data):
     def num_atoms(self) -> int:
         return int(self.pos.shape[0])
 
+    def __inc__(self, key, value, *args, **kwargs):
+        # PyG offsets every attribute whose name contains "index" by the node count when batching; only
+        # edge_index holds node indices here (frame_index is a dataset position and must stay as it is).
+        if "index" in key and key != "edge_index":
+            return 0
+        return super().__inc__(key, value, *args, **kwargs)
+
     @classmethod
     def from_ase(cls, atoms, cutoff: float, dtype: torch.dtype | None = None, **labels) -> "AtomicGraph":
         return atoms_to_graph(atoms, cutoff, dtype=dtype, **labels)
