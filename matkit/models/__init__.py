@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+import torch
+
 from .base import Potential, register, registry
 
 __all__ = ["Potential", "register", "build", "available", "get_class"]
@@ -37,8 +39,12 @@ def get_class(name: str) -> type:
 
 
 def build(name: str, **hparams) -> Potential:
-    """Instantiate the potential registered as ``name`` with keyword hyperparameters."""
-    return get_class(name)(**hparams)
+    """Instantiate the potential registered as ``name`` with keyword hyperparameters.
+
+    Parameters and floating buffers are in ``torch.get_default_dtype()`` (a model may build constant tables in
+    float64 for accuracy); reference energies, scale and shift stay float64. Use ``.double()`` for float64.
+    """
+    return get_class(name)(**hparams).to(torch.get_default_dtype())
 
 
 def available() -> list[str]:

@@ -46,6 +46,8 @@ class ExpNormalBasis(nn.Module):
         start = math.exp(self.cutoff_lower - self.cutoff_upper)
         means = torch.linspace(start, 1.0, self.num_rbf, dtype=torch.float64)
         betas = torch.full((self.num_rbf,), (2.0 / self.num_rbf * (1.0 - start)) ** -2, dtype=torch.float64)
+        # computed in float64, stored in the default dtype like the parameters (``.double()`` recovers float64)
+        means, betas = means.to(torch.get_default_dtype()), betas.to(torch.get_default_dtype())
         if trainable:
             self.means, self.betas = nn.Parameter(means), nn.Parameter(betas)
         else:
