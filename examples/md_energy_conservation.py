@@ -16,7 +16,7 @@ import numpy as np
 from ase import units
 from ase.build import bulk
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 from matkit.calculator import MatkitCalculator
@@ -34,7 +34,7 @@ def main():
 
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
     atoms.calc = MatkitCalculator.from_pretrained(args.potential, dtype=args.dtype, skin=1.0)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
+    thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
     Langevin(atoms, args.timestep_fs * units.fs, temperature_K=args.temperature, friction=0.02, fixcm=False,
              rng=np.random.default_rng(1)).run(500)
     dyn = VelocityVerlet(atoms, args.timestep_fs * units.fs)

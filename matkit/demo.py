@@ -54,7 +54,7 @@ def run_demo(args) -> int:
     from ase import units
     from ase.filters import FrechetCellFilter
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import thermalize_momenta
     from ase.md.verlet import VelocityVerlet
     from ase.optimize import FIRE
 
@@ -78,8 +78,8 @@ def run_demo(args) -> int:
     print(f"lattice constant (vacancy cell, per conventional cell): {lattice_constant:.4f} Å")
 
     dt = args.timestep_fs * units.fs
-    MaxwellBoltzmannDistribution(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0),
-                                 force_temp=True)
+    thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0),
+                       exact_temperature=True)
     nvt = Langevin(atoms, dt, temperature_K=args.temperature, friction=0.02, fixcm=False,
                    rng=np.random.default_rng(1))
     temps = []

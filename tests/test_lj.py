@@ -8,7 +8,7 @@ from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.md.verlet import VelocityVerlet
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 
 import matkit
 from matkit.calculator import MatkitCalculator
@@ -64,7 +64,7 @@ def test_nve_energy_conservation_fcc_argon():
     atoms = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 2))
     atoms.calc = MatkitCalculator(matkit.build("lj", sigma=3.405, epsilon=0.0104, rc=8.5,
                                                smooth=True), dtype="float64", skin=1.0)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=40, rng=np.random.default_rng(0), force_temp=True)
+    thermalize_momenta(atoms, temperature_K=40, rng=np.random.default_rng(0), exact_temperature=True)
     dyn = VelocityVerlet(atoms, timestep=2 * units.fs)
     energies = []
     dyn.attach(lambda: energies.append(atoms.get_total_energy() / len(atoms)), interval=25)
