@@ -1,0 +1,187 @@
+"""Turn a finished training run into a bundled potential: ``potentials/<name>/`` with a model card.
+
+    python potentials/publish.py NAME [--run runs/potentials/NAME]
+
+Copies the run's ``best.pt`` (EMA weights at the best validation loss; a plain matkit checkpoint, loads with
+``weights_only=True``) to ``potentials/NAME/model.pt``, evaluates it again on the held-out validation split in
+float64 (``matkit evaluate ... --split val``), times energy+forces on a typical structure, and writes
+``potentials/NAME/README.md`` (the model card) and ``val_errors.json``. The training configuration stays in
+``potentials/NAME/config.yaml``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+DATA_CARDS = {
+    "mlearn": ("mlearn (Zuo et al., J. Phys. Chem. A 124, 731 (2020)), VASP PBE; BSD-3-Clause",
+               "raw mlearn PBE energies (mlearn's own scale: not MP-compatible; no MP2020 corrections)"),
+    "acetylacetone": ("BOTNet acetylacetone 300 K MD (Batatia et al. 2022), DFT; MIT",
+                      "total DFT energies of the source (the per-element reference energies are fitted)"),
+}
+
+
+def timing_structure(species):
+    """A typical structure for the speed line of the card: 64-atom bulk for crystals, the molecule otherwise."""
+    from ase.build import bulk
+
+    if species == [14]:
+        return bulk("Si", "diamond", a=5.43, cubic=True).repeat(2), "64-atom diamond Si"
+    if species == [32]:
+        return bulk("Ge", "diamond", a=5.76, cubic=True).repeat(2), "64-atom diamond Ge"
+    if species == [42]:
+        return bulk("Mo", "bcc", a=3.16, cubic=True).repeat(4), "128-atom bcc Mo"
+    if species == [3]:
+        return bulk("Li", "bcc", a=3.44, cubic=True).repeat(4), "128-atom bcc Li"
+    return None, None
+
+
+def time_energy_forces(model, atoms, dtype, repeats=20):
+    import torch
+
+    from matkit.calculator import MatkitCalculator
+
+    torch.set_num_threads(1)
+    atoms = atoms.copy()
+    atoms.calc = MatkitCalculator(model, dtype=dtype)
+    rng = np.random.default_rng(0)
+    times = []
+    for k in range(repeats + 3):
+        atoms.positions += 0.001 * rng.normal(size=atoms.positions.shape)
+        t = time.perf_counter()
+        atoms.get_forces()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[3:]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name")
+    parser.add_argument("--run", default=None, help="run folder (default runs/potentials/NAME)")
+    args = parser.parse_args(argv)
+
+    import matkit
+
+    folder = ROOT / "potentials" / args.name
+    run = Path(args.run) if args.run else ROOT / "runs" / "potentials" / args.name
+    best = run / "best.pt"
+    model, payload = matkit.load_checkpoint(best, return_payload=True)
+    meta = payload["metadata"]
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, folder / "model.pt")
+    for extra in ("parity_energy.png", "parity_forces.png", "metrics.csv"):
+        if (run / extra).exists():
+            shutil.copyfile(run / extra, folder / extra)
+
+    dataset = meta["dataset"]
+    errors_path = folder / "val_errors.json"
+    subprocess.run([sys.executable, "-m", "matkit.cli", "evaluate", str(folder / "model.pt"), str(ROOT / dataset),
+                    "--split", "val", "--dtype", "float64", "--json", str(errors_path), "--no-progress"],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    errors = json.loads(errors_path.read_text())["metrics"]
+
+    species = [int(z) for z in model.species]
+    atoms, label = timing_structure(species)
+    if atoms is None:
+        from matkit.data.dataset import HDF5Dataset
+
+        frame = HDF5Dataset(str(ROOT / dataset), cutoff=model.cutoff)[0]
+        from ase import Atoms
+
+        atoms = Atoms(numbers=frame.atomic_numbers.numpy(), positions=frame.pos.double().numpy())
+        label = f"{len(atoms)}-atom molecule from the dataset"
+    t32 = time_energy_forces(model, atoms, "float32")
+    t64 = time_energy_forces(model, atoms, "float64")
+
+    import torch
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log = (run / "train.log").read_text().splitlines() if (run / "train.log").exists() else []
+    wall = next((line for line in reversed(log) if "finished after" in line), "")
+    source, energy_scale = next(v for k, v in DATA_CARDS.items() if k in dataset)
+    config_text = (folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else "(not found)"
+
+    def err(key, scale=1000.0):
+        value = errors.get(key)
+        return "n/a" if value is None or not np.isfinite(value) else f"{value * scale:.2f}"
+
+    card = f"""# {args.name}
+
+A `{payload['model']}` potential trained with matkit on `{dataset}`.
+
+```python
+from matkit.calculator import MatkitCalculator
+atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   # or "float32" for fast MD
+```
+
+| | |
+|---|---|
+| architecture | `{payload['model']}`, {n_params:,} parameters; hyperparameters in `config.yaml` / the checkpoint |
+| species | {', '.join(matkit_symbols(species))} |
+| cutoff | {model.cutoff} Å |
+| training data | `{dataset}`: {source} |
+| split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: a seeded random 10 % validation split held out of training (seed 0). No separate test split exists for this data, so these are validation errors, not test errors. |
+| energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)} |
+| training | {meta.get('epoch', 0) + 1} epochs (best validation loss at step {meta.get('step')}), AdamW, cosine schedule, EMA weights; CPU, float32, 1 thread. {wall.split('INFO ')[-1] if wall else ''} |
+| forces / stress | conservative: autograd of the energy (positions and a symmetric strain) |
+| weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; loads with `weights_only=True`) |
+| license | weights: same terms as the training data ({source.split(';')[-1].strip()}); code: MIT |
+
+## Validation errors (held-out split, float64, `matkit evaluate model.pt {dataset} --split val`)
+
+| quantity | MAE | RMSE |
+|---|---|---|
+| energy (meV/atom) | {err('energy_mae')} | {err('energy_rmse')} |
+| forces (meV/Å, per component) | {err('forces_mae')} | {err('forces_rmse')} |
+| stress (meV/Å^3, per component) | {err('stress_mae')} | {err('stress_rmse')} |
+
+Parity plots: `parity_energy.png`, `parity_forces.png`; learning curves: `metrics.csv`.
+
+## Speed
+
+Energy + forces through `MatkitCalculator` on {label}, 1 CPU thread (torch {torch.__version__}), median of 20
+calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} ms (float64).
+
+## Reproduce
+
+```bash
+matkit train potentials/{args.name}/config.yaml          # writes runs/potentials/{args.name}/
+python potentials/publish.py {args.name}                 # copies best.pt here, evaluates, writes this card
+```
+
+`config.yaml`:
+
+```yaml
+{config_text.strip()}
+```
+"""
+    (folder / "README.md").write_text(card)
+    print(f"published {args.name}: val E MAE {err('energy_mae')} meV/atom, F MAE {err('forces_mae')} meV/Å; "
+          f"EF {t32 * 1e3:.1f} ms (f32) / {t64 * 1e3:.1f} ms (f64) on {label}")
+    return 0
+
+
+def matkit_symbols(species):
+    from ase.data import chemical_symbols
+
+    return [chemical_symbols[z] for z in species]
+
+
+def reference_energies(model):
+    from ase.data import chemical_symbols
+
+    values = model.atomic_reference_energies.detach().cpu().numpy()
+    return ", ".join(f"{chemical_symbols[z]} {values[k]:.4f}" for k, z in enumerate(model.species))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
