@@ -3,7 +3,7 @@
     python examples/md_energy_conservation.py --potential tensornet-si --steps 2000 --dtype float64
 
 Thermalises a 64-atom diamond Si cell with Langevin dynamics, switches to velocity Verlet and plots the total
-energy per atom against time (``runs/examples/nve_energy.png``) with the fitted drift in eV/atom/ps.
+energy per atom against time (``runs/examples/nve_energy_<potential>.png``) with the fitted drift in eV/atom/ps.
 """
 import argparse
 from pathlib import Path
@@ -26,6 +26,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--potential", default="tensornet-si")
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--nvt-steps", type=int, default=500, help="Langevin equilibration before NVE")
     parser.add_argument("--timestep-fs", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=600.0)
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
@@ -36,7 +37,7 @@ def main():
     atoms.calc = MatkitCalculator.from_pretrained(args.potential, dtype=args.dtype, skin=1.0)
     thermalize_momenta(atoms, temperature_K=args.temperature, rng=np.random.default_rng(0))
     Langevin(atoms, args.timestep_fs * units.fs, temperature_K=args.temperature, friction=0.02, fixcm=False,
-             rng=np.random.default_rng(1)).run(500)
+             rng=np.random.default_rng(1)).run(args.nvt_steps)
     dyn = VelocityVerlet(atoms, args.timestep_fs * units.fs)
     t, e, temp = [], [], []
 
@@ -56,8 +57,9 @@ def main():
     plt.xlabel("time (ps)")
     plt.ylabel("E_total - E_0 (meV/atom)")
     plt.title(f"{args.potential}, NVE, drift {drift:+.1e} eV/atom/ps")
-    plt.savefig(out / "nve_energy.png", dpi=120)
-    print(f"plot: {out / 'nve_energy.png'}")
+    plot = out / f"nve_energy_{args.potential}.png"
+    plt.savefig(plot, dpi=120)
+    print(f"plot: {plot}")
 
 
 if __name__ == "__main__":
