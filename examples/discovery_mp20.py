@@ -27,7 +27,8 @@ from matkit.discovery.metrics import discovery_metrics
 from matkit.discovery.report import write_report
 from matkit.discovery.runner import merge_records, run
 
-DATA = Path("/work/shared/data/cdvae_mp20_subset")
+# the offline copy of the CDVAE MP-20 CSVs next to the repository (../shared/data); pass --data elsewhere
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cdvae_mp20_subset"
 
 
 def main(argv=None):

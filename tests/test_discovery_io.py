@@ -9,7 +9,8 @@ from matkit.discovery.io import read_labels, read_predictions, read_structures, 
 from matkit.discovery.runner import read_records
 
 FIXTURES = Path(__file__).parent / "fixtures" / "discovery"
-SHARED_MOCK = Path("/work/shared/data/matbench_discovery/mock-wbm-energy-preds.csv.gz")
+# upstream matbench-discovery test fixture (MIT), copied from ../shared/data/matbench_discovery
+SHARED_MOCK = Path(__file__).resolve().parent / "fixtures" / "discovery" / "mock-wbm-energy-preds.csv.gz"
 
 
 def test_prediction_file_round_trip(tmp_path):
@@ -23,7 +24,6 @@ def test_prediction_file_round_trip(tmp_path):
     assert back["wbm-1-1"] == 0.5121 and np.isnan(back["wbm-1-2"]) and back["wbm-1-3"] == -1.25
 
 
-@pytest.mark.skipif(not SHARED_MOCK.exists(), reason="shared data not mounted")
 def test_reads_upstream_mock_predictions():
     preds = read_predictions(SHARED_MOCK)
     assert len(preds) == 499 and preds.name == "formation_energy_per_atom"

@@ -56,32 +56,22 @@ if "test_pair_mlp" not in registry:
 PairMLP = registry["test_pair_mlp"]
 
 
+MLEARN_SI_H5 = Path(__file__).resolve().parent.parent / "datasets" / "mlearn_si.h5"
+
+
 @lru_cache(maxsize=1)
 def _mlearn_records():
     return json.loads(MLEARN_SI.read_text())
 
 
-def mlearn_si_atoms(n: int, groups=("AIMD-NVT", "Elastic", "Vacancy")):
-    """The first ``n`` Si cells of the listed groups (round-robin), with a SinglePointCalculator holding
-    energy (eV), forces (eV/Å) and stress (eV/Å^3, ASE Voigt order, tensile positive)."""
+def _records_from_json(groups):
+    """mlearn JSON records -> (group, Atoms) converted here, independently of matkit's converters."""
     from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    if not MLEARN_SI.exists():
-        pytest.skip(f"mlearn data not available at {MLEARN_SI}")
-    by_group = {g: [r for r in _mlearn_records() if r["group"] == g] for g in groups}
-    available = sum(len(v) for v in by_group.values())
-    if n > available:
-        raise ValueError(f"only {available} Si cells in the groups {groups}, {n} requested")
-    picked = []
-    k = 0
-    while len(picked) < n:
-        for g in groups:
-            if k < len(by_group[g]) and len(picked) < n:
-                picked.append(by_group[g][k])
-        k += 1
-    images = []
-    for rec in picked:
+    for rec in _mlearn_records():
+        if rec["group"] not in groups:
+            continue
         s = rec["structure"]
         atoms = Atoms(symbols=[site["species"][0]["element"] for site in s["sites"]],
                       positions=[site["xyz"] for site in s["sites"]], cell=s["lattice"]["matrix"], pbc=True)
@@ -89,7 +79,46 @@ def mlearn_si_atoms(n: int, groups=("AIMD-NVT", "Elastic", "Vacancy")):
         stress = -KBAR_TO_EV_A3 * virial[[0, 1, 2, 4, 5, 3]]                # -> xx yy zz yz xz xy, eV/Å^3
         atoms.calc = SinglePointCalculator(atoms, energy=float(rec["outputs"]["energy"]),
                                            forces=np.asarray(rec["outputs"]["forces"], dtype=float), stress=stress)
-        images.append(atoms)
+        yield rec["group"], atoms
+
+
+def _records_from_bundled_h5(groups):
+    """The same cells from the bundled datasets/mlearn_si.h5 (used where ../shared/data is not mounted)."""
+    import h5py
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from matkit.data.hdf5 import FrameFile
+
+    with h5py.File(MLEARN_SI_H5, "r") as h5:
+        frame_groups = [g.decode() if isinstance(g, bytes) else str(g) for g in h5["frames/groups"][:]]
+    frames = FrameFile(str(MLEARN_SI_H5))
+    for k, group in enumerate(frame_groups):
+        if group not in groups:
+            continue
+        a = frames.read_arrays(k)
+        atoms = Atoms(numbers=a["atomic_numbers"], positions=a["positions"], cell=a["cell"], pbc=a["pbc"])
+        atoms.calc = SinglePointCalculator(atoms, energy=float(a["energy"]), forces=a["forces"], stress=a["stress"])
+        yield group, atoms
+
+
+def mlearn_si_atoms(n: int, groups=("AIMD-NVT", "Elastic", "Vacancy")):
+    """The first ``n`` Si cells of the listed groups (round-robin), with a SinglePointCalculator holding
+    energy (eV), forces (eV/Å) and stress (eV/Å^3, ASE Voigt order, tensile positive)."""
+    records = _records_from_json(groups) if MLEARN_SI.exists() else _records_from_bundled_h5(groups)
+    by_group = {g: [] for g in groups}
+    for group, atoms in records:
+        by_group[group].append(atoms)
+    available = sum(len(v) for v in by_group.values())
+    if n > available:
+        raise ValueError(f"only {available} Si cells in the groups {groups}, {n} requested")
+    images = []
+    k = 0
+    while len(images) < n:
+        for g in groups:
+            if k < len(by_group[g]) and len(images) < n:
+                images.append(by_group[g][k])
+        k += 1
     return images
 
 
