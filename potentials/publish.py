@@ -30,6 +30,16 @@ DATA_CARDS = {
 }
 
 
+ARCHITECTURE_NOTES = {
+    "faenet": "FAENet is made invariant by frame averaging over the 8 PCA frames of each structure. Highly symmetric "
+              "crystals (cubic cells) have degenerate covariance eigenvalues, so their frames are not unique and "
+              "rotation invariance is approximate for them (matkit warns; see matkit/nn/frame_averaging.py). The "
+              "energy is still exactly invariant to translations, permutations and re-wrapping.",
+    "escn": "eSCN uses spherical-grid nonlinearities; with the default grids the equivariance error is at round-off "
+            "level (see tests/test_escn.py).",
+}
+
+
 def timing_structure(species):
     """A typical structure for the speed line of the card: 64-atom bulk for crystals, the molecule otherwise."""
     from ase.build import bulk
@@ -143,6 +153,8 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | energy (meV/atom) | {err('energy_mae')} | {err('energy_rmse')} |
 | forces (meV/Å, per component) | {err('forces_mae')} | {err('forces_rmse')} |
 | stress (meV/Å^3, per component) | {err('stress_mae')} | {err('stress_rmse')} |
+
+{ARCHITECTURE_NOTES.get(payload['model'], '')}
 
 Parity plots: `parity_energy.png`, `parity_forces.png`; learning curves: `metrics.csv`.
 
