@@ -139,6 +139,17 @@ def _legendre_factors(lmax: int, beta: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+def _cached_legendre_factors(lmax: int, nodes: str, n: int) -> torch.Tensor:
+    """:func:`_legendre_factors` at ``n`` Gauss-Legendre polar angles (``nodes="gauss"``) or at ``n`` uniform
+    torus angles 2πj/n (``nodes="torus"``). Cached: callers copy before modifying or registering it."""
+    if nodes == "gauss":
+        beta = _gauss_legendre_beta(n)[0]
+    else:
+        beta = 2 * math.pi * torch.arange(n, dtype=torch.float64) / n
+    return _legendre_factors(lmax, beta)
+
+
+@functools.lru_cache(maxsize=None)
 def _padded_layout(lmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Index maps between the l-major layout (lm) and the padded (b, l) layout used by the transforms.
 
@@ -299,16 +310,17 @@ class SphericalGrid(_Transform):
             raise ValueError(f"degree {degree} is too small to project degree {lmax_in} onto degree {lmax_out}")
         self.degree = degree
         self.n_beta, self.n_alpha = gauss_legendre_grid_size(degree)
-        beta, w_beta = _gauss_legendre_beta(self.n_beta)
+        w_beta = _gauss_legendre_beta(self.n_beta)[1]
         alpha = 2 * math.pi * torch.arange(self.n_alpha, dtype=torch.float64) / self.n_alpha
 
         # to_grid: padded (b, l, M) --P_in--> (b, β, M) --phi_in--> (α, β, M)
-        self.register_buffer("p_in", _legendre_factors(self.lmax_in, beta).transpose(1, 2).contiguous())  # (b, β, l)
+        p_in = _cached_legendre_factors(self.lmax_in, "gauss", self.n_beta).transpose(1, 2)
+        self.register_buffer("p_in", p_in.clone(memory_format=torch.contiguous_format))  # (b, β, l)
         self.register_buffer("phi_in", _real_fourier_basis(self.lmax_in, alpha).t().contiguous())  # (α, b)
         self.register_buffer("gather_in", _padded_layout(self.lmax_in)[0], persistent=False)
 
         # from_grid: (α, β, M) --phi_out (with α weights)--> (b, β, M) --P_out (β weights / 4π)--> (b, l, M)
-        p_out = _legendre_factors(self.lmax_out, beta) * w_beta / (4 * math.pi)
+        p_out = _cached_legendre_factors(self.lmax_out, "gauss", self.n_beta) * w_beta / (4 * math.pi)
         self.register_buffer("p_out", p_out.contiguous())  # (b, l, β)
         self.register_buffer("phi_out", _real_fourier_basis(self.lmax_out, alpha) * (2 * math.pi / self.n_alpha))
         self.register_buffer("scatter_out", _padded_layout(self.lmax_out)[1], persistent=False)
@@ -396,7 +408,8 @@ class FourierSphere(_Transform):
     multiplied, and transformed back. ``backend="fft"`` does the transforms with ``torch.fft.irfftn``/
     ``rfftn`` (O(n log n)); ``backend="dft"`` does them as dense DFT matrix products (O(n^2) but a handful of
     large GEMMs). The grids are alias-free: all |u| <= L1+L2 are kept (the projection back to SH is dense in
-    u because e^{iuβ} is not orthogonal under sin β dβ on [0, π]), and only |v| <= Lout is read, so n_v > L1+L2+Lout.
+    u because e^{iuβ} is not orthogonal under sin β dβ on [0, π]), and only |v| <= Lout is read, so n_v > L1+L2+Lout
+    (for ``"fft"`` also n_v > 2 max(L1, L2, Lout), so every half spectrum fits below the Nyquist bin).
 
     Args:
         lmax1, lmax2: degrees of the two factors; lmax_out: degree of the projected product.
@@ -416,7 +429,11 @@ class FourierSphere(_Transform):
         self.n_u = 2 * self.lmax_prod + 1
         self.n_v = self.lmax_prod + self.lmax_out + 1
         if backend == "fft":
-            self.n_u, self.n_v = _fft_size(self.n_u), _fft_size(self.n_v)
+            # The real FFTs keep only v = 0..n_v//2 of the α axis, so that half spectrum must hold every factor
+            # (v <= L1, L2) and the output (v <= Lout) strictly below the Nyquist bin: n_v >= 2 max(...) + 1.
+            # This only matters for unequal degrees (L1 > L2 + Lout or Lout > L1 + L2); n_u > 2 max(L1, L2).
+            self.n_u = _fft_size(self.n_u)
+            self.n_v = _fft_size(max(self.n_v, 2 * max(self.lmax1, self.lmax2, self.lmax_out) + 1))
         for i, lmax in ((1, self.lmax1), (2, self.lmax2)):
             p, e = self._sh_to_fourier_factors(lmax)
             self.register_buffer(f"p_sh2f_{i}", p)  # (b, u, l, 2): β factor
@@ -450,10 +467,10 @@ class FourierSphere(_Transform):
     @classmethod
     def _beta_fourier(cls, lmax: int) -> torch.Tensor:
         """p[b, l, u] with P_{b,l}(β) = sum_u p[b,l,u] e^{iuβ}, u = -lmax..lmax; from an exact FFT of samples."""
-        beta = cls._torus_beta(lmax)
-        spectrum = torch.fft.fft(_legendre_factors(lmax, beta), dim=-1) / len(beta)
+        n = len(cls._torus_beta(lmax))
+        spectrum = torch.fft.fft(_cached_legendre_factors(lmax, "torus", n), dim=-1) / n
         u = torch.arange(-lmax, lmax + 1)
-        return spectrum[..., u % len(beta)]
+        return spectrum[..., u % n]
 
     @staticmethod
     def _alpha_fourier(lmax: int, v: torch.Tensor) -> torch.Tensor:
