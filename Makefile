@@ -19,7 +19,7 @@ $(VENV)/.matkit-installed: pyproject.toml
 install: $(VENV)/.matkit-installed
 
 demo: install
-	$(VENV)/bin/matkit demo
+	OMP_NUM_THREADS=2 $(VENV)/bin/matkit demo
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -15,8 +15,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="relax a crystal with a vacancy and run NVT + NVE MD")
     p.add_argument("--potential", default=None, help="bundled potential name (default: %(default)s -> "
                                                       "tensornet-si if bundled, else Lennard-Jones argon)")
-    p.add_argument("--nvt-steps", type=int, default=1000)
-    p.add_argument("--nve-steps", type=int, default=2000)
+    p.add_argument("--nvt-steps", type=int, default=400)
+    p.add_argument("--nve-steps", type=int, default=1000)
     p.add_argument("--timestep-fs", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=300.0, help="K")
     p.add_argument("--out", default="runs/demo", help="output folder for the log and plot")
