@@ -7,6 +7,8 @@ For every degree L (default 2, 4, 6, 8), E edges with random directions and C ch
   edge vectors (:func:`matkit.nn.wigner.edge_frame_rotation`, :class:`WignerD`, rows ``|m| <= mmax``), rotate into
   the edge frame, :class:`SO2Convolution` (weights generated per edge from edge features through its bottleneck),
   rotate back;
+  also timed with the Wigner matrices given (``D given``: built once per forward in the model and reused by every
+  layer), and the Wigner-matrix construction alone;
 * ``so2_conv``: the :class:`SO2Convolution` alone, on edge-frame coefficients;
 * ``so3_e3nn``: the SO(3) convolution ``sum_paths w_path(edge) (x (x) Y(edge))`` as an e3nn ``TensorProduct`` with
   per-edge weights ("uvw" paths, ``matkit.nn.so2_reference.e3nn_so3_convolution``, the builder the tests use),
@@ -25,8 +27,12 @@ read with ``getrusage(RUSAGE_SELF).ru_maxrss``; freed heap memory is returned wi
 baseline), so it includes the inputs (for SO(3) the per-edge weights), the
 outputs and every intermediate; on ``--device cuda`` ``torch.cuda.max_memory_allocated`` above the allocation
 before the inputs. When a case would take long (SO(3) at large L) it is timed on fewer edges (a forward+backward of
-about ``--budget`` seconds) and time and memory are scaled linearly to E edges (marked ``*``); every edge costs
-the same, so the scaling is exact up to constant overheads.
+about ``--budget`` seconds) and its time is scaled linearly to E edges, its memory extrapolated affinely from two
+edge counts (marked ``*``); every edge costs the same, so this is exact up to constant overheads.
+
+Clock: on CPU with one thread the times are the process CPU time (``time.process_time``), which other processes
+on a busy machine do not inflate (they still share caches and memory bandwidth); ``--clock wall`` for wall-clock
+time (the default on CUDA or with several threads).
 
     python benchmarks/so2_convolution.py                      # L = 2,4,6,8, E = 2000, C = 16
     python benchmarks/so2_convolution.py --lmax 2,4 --edges 64 --channels 4 --repeats 1 --in-process  # smoke
@@ -108,15 +114,18 @@ class Memory:
         return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base) / 2 ** 20
 
 
-def _median_time(fn, sync, repeats, budget):
+def _median_time(fn, sync, repeats, budget, clock):
+    """Median (seconds, repeats) of ``fn`` after a warm-up call; ``clock``: "cpu" (process CPU time, insensitive to
+    other processes on a busy machine; one thread) or "wall"."""
+    timer = time.process_time if clock == "cpu" else time.perf_counter
     fn()  # warm-up
     sync()
     times, start = [], time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start < budget and len(times) < 20):
-        t0 = time.perf_counter()
+        t0 = timer()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
+        times.append(timer() - t0)
         if len(times) >= 2 and times[-1] * len(times) > 4 * budget:
             break
     return statistics.median(times), len(times)
@@ -190,27 +199,59 @@ def worker(args) -> None:
         probe = make_inputs(probe_n, True)
         forward_backward(probe)
         sync()
-        t0 = time.perf_counter()
+        t0 = time.process_time() if args.clock == "cpu" else time.perf_counter()
         forward_backward(probe)
         sync()
-        per_edge = (time.perf_counter() - t0) / probe_n
+        per_edge = ((time.process_time() if args.clock == "cpu" else time.perf_counter()) - t0) / probe_n
         del probe
         if per_edge * edges > args.budget:
             timed_edges = max(probe_n, min(edges, int(args.budget / per_edge)))
     row = {"route": route, "lmax": lmax, "mmax": mmax, "edges": edges, "timed_edges": timed_edges,
-           "weights_per_edge": n_weights, "memory": "cuda allocated" if device.type == "cuda" else "rss"}
-    scale = edges / timed_edges
+           "weights_per_edge": n_weights, "clock": args.clock,
+           "memory": "cuda allocated" if device.type == "cuda" else "rss"}
 
-    memory.baseline()
-    inputs = make_inputs(timed_edges, False)
-    seconds, n = _median_time(lambda: forward(inputs), sync, args.repeats, args.budget)
-    row.update(fwd_s=seconds * scale, fwd_repeats=n, fwd_mb=memory.peak_mb() * scale)
-    del inputs
-    inputs = make_inputs(timed_edges, True)
-    memory.restart()
-    seconds, n = _median_time(lambda: forward_backward(inputs), sync, max(2, args.repeats - 2), args.budget)
-    row.update(fwdbwd_s=seconds * scale, fwdbwd_repeats=n, fwdbwd_mb=memory.peak_mb() * scale,
+    def measure(n, repeats):
+        """(fwd s, fwd MB, fwd+bwd s, fwd+bwd MB) on n edges."""
+        memory.baseline()
+        inputs = make_inputs(n, False)
+        fwd_s, _ = _median_time(lambda: forward(inputs), sync, repeats, args.budget, args.clock)
+        fwd_mb = memory.peak_mb()
+        del inputs
+        inputs = make_inputs(n, True)
+        memory.restart()
+        fb_s, _ = _median_time(lambda: forward_backward(inputs), sync, max(1, repeats - 2), args.budget, args.clock)
+        return fwd_s, fwd_mb, fb_s, memory.peak_mb()
+
+    fwd_s, fwd_mb, fb_s, fb_mb = measure(timed_edges, args.repeats)
+    scale = edges / timed_edges
+    if timed_edges < edges:
+        # memory has a constant part: extrapolate affinely from a second, smaller edge count
+        half = max(1, timed_edges // 2)
+        _, fwd_mb2, _, fb_mb2 = measure(half, 1)
+        fwd_mb += (fwd_mb - fwd_mb2) / (timed_edges - half) * (edges - timed_edges)
+        fb_mb += (fb_mb - fb_mb2) / (timed_edges - half) * (edges - timed_edges)
+    row.update(fwd_s=fwd_s * scale, fwd_mb=fwd_mb, fwdbwd_s=fb_s * scale, fwdbwd_mb=fb_mb,
                peak_resettable=memory.resettable)
+    if route == "so2_route":
+        # time only: the Wigner matrices alone, and the route with them given (the model builds them once per
+        # forward and reuses them in every layer; backward then stops at the matrices)
+        edge_vec, x, edge_features = make_inputs(edges, False)
+        with torch.no_grad():
+            row["wigner_fwd_s"] = _median_time(lambda: wigner(edge_frame_rotation(edge_vec))[:, kept], sync,
+                                               args.repeats, args.budget, args.clock)[0]
+            rotation = wigner(edge_frame_rotation(edge_vec))[:, kept]
+
+        def rotate_conv(r, x_, e_):
+            return r.transpose(1, 2) @ conv(r @ x_, e_)
+
+        def given_forward():
+            with torch.no_grad():
+                rotate_conv(rotation, x, edge_features)
+
+        leaves = [t.clone().requires_grad_(True) for t in (rotation, x, edge_features)]
+        row["given_fwd_s"] = _median_time(given_forward, sync, args.repeats, args.budget, args.clock)[0]
+        row["given_fwdbwd_s"] = _median_time(lambda: rotate_conv(*leaves).sum().backward(), sync,
+                                             max(1, args.repeats - 2), args.budget, args.clock)[0]
     return row
 
 
@@ -256,7 +297,7 @@ def _run(args, extra):
     options = [*extra, "--edges", str(args.edges), "--channels", str(args.channels), "--hidden",
                str(args.hidden or args.channels), "--edge-channels", str(args.edge_channels), "--repeats",
                str(args.repeats), "--budget", str(args.budget), "--threads", str(args.threads), "--device",
-               args.device] + (["--chiral"] if args.chiral else [])
+               args.device, "--clock", args.clock] + (["--chiral"] if args.chiral else [])
     if args.in_process:
         return main(options)
     cmd = [sys.executable, str(Path(__file__).resolve()), *options]
@@ -292,6 +333,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=2.0, help="seconds per case (SO(3) edge subset)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("cpu", "wall"), default=None,
+                        help="process CPU time (default on CPU with one thread) or wall-clock time")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--in-process", action="store_true",
@@ -299,6 +342,8 @@ def main(argv=None):
     parser.add_argument("--worker", nargs=3, metavar=("ROUTE", "L", "MMAX"), help=argparse.SUPPRESS)
     parser.add_argument("--check", nargs=2, metavar=("L", "MMAX"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.clock is None:
+        args.clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
     if args.worker or args.check:
         row = worker(args) if args.worker else check_worker(args)
         if argv is None:
@@ -309,7 +354,8 @@ def main(argv=None):
     mt = args.escn_mmax
     print(f"E={args.edges} edges, C={args.channels} channels, H={args.hidden or args.channels}, "
           f"{'chiral (all paths)' if args.chiral else 'achiral (parity-even paths)'}, float32, "
-          f"{args.threads} thread(s), device={args.device}; median of repeats after a warm-up; memory = peak "
+          f"{args.threads} thread(s), device={args.device}; median {'process CPU' if args.clock == 'cpu' else 'wall-clock'}"
+          f" time of repeats after a warm-up; memory = peak "
           f"{'CUDA allocation' if args.device.startswith('cuda') else 'RSS'} above the process before the inputs",
           flush=True)
     results, checks = {}, {}
@@ -338,42 +384,56 @@ def main(argv=None):
         row = results.get(("so3_e3nn", l, l))
         return "*" if row and row["timed_edges"] < row["edges"] else ""
 
+    def speed(a, b):
+        return f"{a / b:.1f}x" if a and b else "-"
+
     scaled = [l for l in ls if star(l)]
-    for label, m_of in ((f"mmax = L (exact)", lambda l: l), (f"mmax = {mt} (eSCN)", lambda l: min(mt, l))):
-        print(f"\n### {label}: time per call (ms) and peak memory (MB), E = {args.edges}, C = {args.channels}\n")
-        print("| L | SO(3) weights/edge | SO(3) fwd | SO(2) route fwd | SO(2) conv fwd | speed-up fwd | SO(3) f+b | "
-              "SO(2) route f+b | SO(2) conv f+b | speed-up f+b | SO(3) MB f+b | SO(2) route MB f+b | "
-              "max abs diff (rel) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, m_of in (("mmax = L (exact)", lambda l: l), (f"mmax = {mt} (eSCN)", lambda l: min(mt, l))):
+        print(f"\n### {label}: time per call (ms), E = {args.edges}, C = {args.channels}\n")
+        print("| L | weights/edge | SO(3) fwd | SO(2) route fwd | D given fwd | conv fwd | speed-up route (D given) | "
+              "SO(3) f+b | SO(2) route f+b | D given f+b | conv f+b | speed-up route (D given) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for l in ls:
             m = m_of(l)
             s3f, s3b = get("so3_e3nn", l, l, "fwd_s"), get("so3_e3nn", l, l, "fwdbwd_s")
             rf, rb = get("so2_route", l, m, "fwd_s"), get("so2_route", l, m, "fwdbwd_s")
-            speed_f = f"{s3f / rf:.1f}x" if s3f and rf else "-"
-            speed_b = f"{s3b / rb:.1f}x" if s3b and rb else "-"
-            check = checks.get((l, m))
-            diff = f"{check['max_abs_diff']:.1e} ({check['max_abs_diff'] / check['max_abs_so3']:.0e})" if check else "-"
+            gf, gb = get("so2_route", l, m, "given_fwd_s"), get("so2_route", l, m, "given_fwdbwd_s")
             print(f"| {l} | {get('so3_e3nn', l, l, 'weights_per_edge') or '-'} | {ms(s3f)}{star(l)} | {ms(rf)} | "
-                  f"{ms(get('so2_conv', l, m, 'fwd_s'))} | {speed_f} | {ms(s3b)}{star(l)} | {ms(rb)} | "
-                  f"{ms(get('so2_conv', l, m, 'fwdbwd_s'))} | {speed_b} | "
-                  f"{mb(get('so3_e3nn', l, l, 'fwdbwd_mb'))}{star(l)} | {mb(get('so2_route', l, m, 'fwdbwd_mb'))} |"
-                  f" {diff} |")
-    print("\nforward-only peak MB (SO(3) / SO(2) route mmax=L / SO(2) route mmax=%d): " % mt + ", ".join(
-        f"L={l}: {mb(get('so3_e3nn', l, l, 'fwd_mb'))}/{mb(get('so2_route', l, l, 'fwd_mb'))}/"
-        f"{mb(get('so2_route', l, min(mt, l), 'fwd_mb'))}" for l in ls))
+                  f"{ms(gf)} | {ms(get('so2_conv', l, m, 'fwd_s'))} | {speed(s3f, rf)} ({speed(s3f, gf)}) | "
+                  f"{ms(s3b)}{star(l)} | {ms(rb)} | {ms(gb)} | {ms(get('so2_conv', l, m, 'fwdbwd_s'))} | "
+                  f"{speed(s3b, rb)} ({speed(s3b, gb)}) |")
+    print(f"\n### peak memory (MB, fwd / fwd+bwd), Wigner-D construction time and equivalence check\n")
+    print(f"| L | SO(3) | SO(2) route mmax = L | SO(2) route mmax = {mt} | Wigner D fwd ms (mmax = L) | "
+          f"max abs diff (rel), mmax = L | mmax = {mt} |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+
+    def check_cell(l, m):
+        check = checks.get((l, m))
+        return f"{check['max_abs_diff']:.1e} ({check['max_abs_diff'] / check['max_abs_so3']:.0e})" if check else "-"
+
+    for l in ls:
+        m2 = min(mt, l)
+        print(f"| {l} | {mb(get('so3_e3nn', l, l, 'fwd_mb'))} / {mb(get('so3_e3nn', l, l, 'fwdbwd_mb'))}{star(l)} | "
+              f"{mb(get('so2_route', l, l, 'fwd_mb'))} / {mb(get('so2_route', l, l, 'fwdbwd_mb'))} | "
+              f"{mb(get('so2_route', l, m2, 'fwd_mb'))} / {mb(get('so2_route', l, m2, 'fwdbwd_mb'))} | "
+              f"{ms(get('so2_route', l, l, 'wigner_fwd_s'))} | {check_cell(l, l)} | {check_cell(l, m2)} |")
+    print("\nSO(2) route: Wigner matrices from the edge vectors + rotate + SO(2) conv + rotate back; D given: the same "
+          "with the Wigner matrices precomputed (per-layer cost in the model); speed-up = SO(3) time / SO(2) time")
     if scaled:
-        print(f"* SO(3) timed on fewer edges and scaled linearly to E = {args.edges}: " + ", ".join(
-            f"L={l}: {results[('so3_e3nn', l, l)]['timed_edges']} edges" for l in scaled))
+        print("* SO(3) timed on fewer edges, time scaled linearly and memory extrapolated affinely (from two edge "
+              f"counts) to E = {args.edges}: " + ", ".join(
+                  f"L={l}: {results[('so3_e3nn', l, l)]['timed_edges']} edges" for l in scaled))
     print("\nfitted exponent p of time ~ L^p (least squares in log-log over L = %s):\n" % ",".join(map(str, ls)))
     print("| route | fwd | fwd+bwd |")
     print("|---|---:|---:|")
-    for name, route, m_of in (("SO(3) e3nn", "so3_e3nn", lambda l: l), ("SO(2) route, mmax = L", "so2_route",
-                                                                        lambda l: l),
-                              ("SO(2) conv, mmax = L", "so2_conv", lambda l: l),
-                              (f"SO(2) route, mmax = {mt}", "so2_route", lambda l: min(mt, l)),
-                              (f"SO(2) conv, mmax = {mt}", "so2_conv", lambda l: min(mt, l))):
-        fits = [fit_exponent(ls, [get(route, l, m_of(l), key) for l in ls]) for key in ("fwd_s", "fwdbwd_s")]
-        print(f"| {name} | {fits[0]:.2f} | {fits[1]:.2f} |")
+    fits = [("SO(3) e3nn", "so3_e3nn", lambda l: l, ("fwd_s", "fwdbwd_s"))]
+    for label, m_of in (("mmax = L", lambda l: l), (f"mmax = {mt}", lambda l: min(mt, l))):
+        fits += [(f"SO(2) route, {label}", "so2_route", m_of, ("fwd_s", "fwdbwd_s")),
+                 (f"SO(2) route with D given, {label}", "so2_route", m_of, ("given_fwd_s", "given_fwdbwd_s")),
+                 (f"SO(2) conv, {label}", "so2_conv", m_of, ("fwd_s", "fwdbwd_s"))]
+    for name, route, m_of, keys in fits:
+        p = [fit_exponent(ls, [get(route, l, m_of(l), key) for l in ls]) for key in keys]
+        print(f"| {name} | {p[0]:.2f} | {p[1]:.2f} |")
     if not any(r and r.get("peak_resettable", True) for r in results.values()) and not args.device.startswith("cuda"):
         print("note: /proc/self/clear_refs not writable: memory is the ru_maxrss increase over the whole process")
     return results, checks

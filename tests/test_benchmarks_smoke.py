@@ -22,15 +22,16 @@ def test_so2_convolution_benchmark_smoke():
                      "--budget", "0.05", "--escn-mmax", "1", "--in-process")
     assert "fitted exponent" in out and "SO(3) e3nn" in out
     rows = [line for line in out.splitlines() if re.match(r"\| [12] \|", line)]
-    assert len(rows) == 4, out  # L = 1, 2 for mmax = L and mmax = 1
-    for line in rows:
-        relative = float(re.search(r"\(([0-9.e+-]+)\) \|$", line).group(1))
-        assert relative < 1e-10, line  # the SO(2) route equals the SO(3) convolution (float64 check)
+    assert len(rows) == 6, out  # L = 1, 2: times for mmax = L and mmax = 1, memory and check
+    relative = [float(v) for v in re.findall(r"\| [0-9.e+-]+ \(([0-9.e+-]+)\)", out)]
+    assert len(relative) == 4, out
+    assert max(relative) < 1e-10  # the SO(2) route equals the SO(3) convolution (float64 check)
 
 
 def test_data_loader_benchmark_smoke():
     out = run_script("data_loader.py", "--datasets", "acetylacetone_300K", "--max-frames", "16", "--max-atoms", "120",
                      "--workers", "0,1", "--passes", "1", "--steps", "1", "--models", "tensornet")
-    rows = [line for line in out.splitlines() if line.startswith("| acetylacetone_300K |")]
+    rows = [line for line in out.splitlines() if line.startswith("| acetylacetone_300K | 16 |")]
     assert len(rows) == 2, out  # one row per worker setting
     assert all(float(line.split("|")[-2]) > 0 for line in rows)  # loader/step ratio
+    assert "load CPU ms/frame" in out
