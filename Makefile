@@ -27,6 +27,8 @@ test: install
 benchmarks: install
 	$(PY) benchmarks/neighbors.py
 	$(PY) benchmarks/models.py
+	$(PY) benchmarks/so2_convolution.py
+	$(PY) benchmarks/data_loader.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -11,6 +11,8 @@ import matkit
 import matkit.models.escn as escn_module
 from matkit.graph import atoms_to_graph
 from matkit.nn.so2 import SO2Convolution, TruncatedLayout
+from matkit.nn.so2_reference import (cg_path_weights, e3nn_so3_convolution, edge_path_weights, from_e3nn_layout,
+                                     path_weight_map, so3_paths, spherical_harmonics, to_e3nn_layout)
 from matkit.nn.wigner import WignerD, edge_frame_rotation
 from model_harness import SPECIES, ModelHarness, molecule, periodic_structure, random_rotation
 
@@ -92,78 +94,7 @@ def test_frame_gradients_are_finite_at_the_poles():
 
 
 # ---- SO(2) convolution == SO(3) Clebsch-Gordan convolution -------------------------------------------------
-def so2_target_map(weights, layout, l_in, l_out, c_in, c_out):
-    """(C_out, C_in, 2 l_out + 1, 2 l_in + 1) matrix of the SO(2) convolution from degree l_in to l_out."""
-    s = torch.zeros(c_out, c_in, 2 * l_out + 1, 2 * l_in + 1, dtype=F64)
-
-    def block(w, m):  # rows/cols of W are (l - m) * C + c
-        return w[0].view(layout.degrees(m), c_out, layout.degrees(m), c_in)[l_out - m, :, l_in - m, :]
-
-    s[:, :, l_out, l_in] = block(weights[0], 0)
-    for m in range(1, min(l_in, l_out, layout.mmax) + 1):
-        real, imag = weights[m]
-        wr = block(real, m)
-        wi = block(imag, m) if imag is not None else torch.zeros_like(wr)
-        plus_o, minus_o, plus_i, minus_i = l_out + m, l_out - m, l_in + m, l_in - m
-        s[:, :, plus_o, plus_i], s[:, :, plus_o, minus_i] = wr, -wi
-        s[:, :, minus_o, minus_i], s[:, :, minus_o, plus_i] = wr, wi
-    return s
-
-
-def cg_path_weights(weights, layout, lmax, c_in, c_out):
-    """Solve for the SO(3) path weights w[(l_in, l_f, l_out)] (C_out, C_in) reproducing the SO(2) maps.
-
-    In the edge frame Y_lf(edge) = sqrt(2 lf + 1) delta_{m0}, so path (l_in, l_f, l_out) acts as the matrix
-    T[m_out, m_in] = sqrt(2 lf + 1) C[m_in, 0, m_out] (e3nn Wigner 3j, no normalisation). Returns the weights and
-    the largest least-squares residual (zero iff every SO(2) map is an SO(3) convolution).
-    """
-    paths, residual = {}, 0.0
-    for l_in in range(lmax + 1):
-        for l_out in range(lmax + 1):
-            filters = list(range(abs(l_in - l_out), l_in + l_out + 1))
-            basis = torch.stack([np.sqrt(2 * lf + 1) * o3.wigner_3j(l_in, lf, l_out, dtype=F64)[:, lf, :].T
-                                 for lf in filters])                                  # (n_f, 2lo+1, 2li+1)
-            a = basis.reshape(len(filters), -1)
-            target = so2_target_map(weights, layout, l_in, l_out, c_in, c_out).reshape(c_out * c_in, -1)
-            solution = torch.linalg.lstsq(a.T, target.T).solution                     # (n_f, C_out*C_in)
-            residual = max(residual, (solution.T @ a - target).abs().max().item())
-            for k, lf in enumerate(filters):
-                paths[(l_in, lf, l_out)] = solution[k].view(c_out, c_in)
-    return paths, residual
-
-
-def e3nn_so3_convolution(paths, lmax, c_in, c_out):
-    """The SO(3) convolution x (x) Y(edge) as an e3nn TensorProduct with the given path weights."""
-    irreps_x = o3.Irreps([(c_in, (l, (-1) ** l)) for l in range(lmax + 1)])
-    irreps_sh = o3.Irreps([(1, (l, (-1) ** l)) for l in range(2 * lmax + 1)])
-    # outputs of both parities: paths with l_in + l_f + l_out odd (the imaginary SO(2) part) give pseudo-tensors
-    irreps_out = o3.Irreps([(c_out, (l, p)) for l in range(lmax + 1) for p in (1, -1)])
-    out_index = {(l, p): 2 * l + (0 if p == 1 else 1) for l in range(lmax + 1) for p in (1, -1)}
-    instructions, flat = [], []
-    for (l_in, lf, l_out), w in paths.items():
-        parity = (-1) ** (l_in + lf)
-        instructions.append((l_in, lf, out_index[(l_out, parity)], "uvw", True))
-        flat.append(w.T.reshape(-1))  # e3nn "uvw" weight layout (u=C_in, v=1, w=C_out)
-    tp = o3.TensorProduct(irreps_x, irreps_sh, irreps_out, instructions, irrep_normalization="none",
-                          path_normalization="none", internal_weights=False, shared_weights=True)
-    return tp.to(F64), torch.cat(flat), irreps_out
-
-
-def to_e3nn_layout(x):
-    """(E, K, C) l-major coefficients -> e3nn flat (E, sum_l C (2l+1)) with channel-major blocks."""
-    lmax = int(np.sqrt(x.shape[1])) - 1
-    return torch.cat([x[:, l * l:(l + 1) ** 2].transpose(1, 2).reshape(x.shape[0], -1) for l in range(lmax + 1)], 1)
-
-
-def from_e3nn_layout(y, irreps_out, lmax, c_out):
-    """Sum both parities per degree, back to (E, K, C)."""
-    blocks = {}
-    for (mul, ir), sl in zip(irreps_out, irreps_out.slices()):
-        part = y[:, sl].view(y.shape[0], mul, ir.dim).transpose(1, 2)
-        blocks[ir.l] = blocks.get(ir.l, 0) + part
-    return torch.cat([blocks[l] for l in range(lmax + 1)], 1)
-
-
+# the reference builders are shared with benchmarks/so2_convolution.py (matkit/nn/so2_reference.py)
 @pytest.mark.parametrize("lmax,mmax,chiral", [(1, 1, True), (2, 1, True), (3, 2, False), (4, 2, True),
                                               (6, 2, True), (6, 6, True)])
 def test_so2_convolution_equals_cg_so3_convolution(lmax, mmax, chiral):
@@ -189,11 +120,58 @@ def test_so2_convolution_equals_cg_so3_convolution(lmax, mmax, chiral):
 
     with float64_default():
         tp, tp_weights, irreps_out = e3nn_so3_convolution(paths, lmax, c_in, c_out)
+        tp = tp.to(F64)
     sh = o3.spherical_harmonics(list(range(2 * lmax + 1)), v, normalize=True, normalization="component")
     y_so3 = from_e3nn_layout(tp(to_e3nn_layout(x), sh, tp_weights), irreps_out, lmax, c_out)
 
     assert y_so3.abs().max() > 0.1
     np.testing.assert_allclose(y_so2.detach(), y_so3.detach(), rtol=0, atol=1e-10)
+
+
+def test_per_edge_path_weights_match_the_least_squares_solution():
+    """edge_path_weights (a fixed linear map per degree pair, all edges at once) == cg_path_weights edge by edge."""
+    torch.manual_seed(1)
+    lmax, mmax, c_in, c_out = 4, 2, 3, 2
+    for chiral in (True, False):
+        conv = SO2Convolution(lmax, mmax, c_in, c_out, hidden_channels=4, edge_channels=5, chiral=chiral).to(F64)
+        layout = TruncatedLayout(lmax, mmax)
+        edge_features = torch.randn(3, 5, dtype=F64)
+        batched = edge_path_weights(conv.effective_weights(edge_features), layout, c_in, c_out, chiral=chiral)
+        assert sorted(batched) == sorted(so3_paths(lmax, chiral))
+        for e in range(3):
+            single, residual = cg_path_weights(conv.effective_weights(edge_features[e:e + 1]), layout, lmax, c_in,
+                                               c_out)
+            assert residual < 1e-12
+            for path, w in batched.items():
+                np.testing.assert_allclose(w[e].detach(), single[path].detach(), rtol=0, atol=1e-12)
+    assert max(path_weight_map(a, b)[2] for a in range(7) for b in range(7)) < 1e-12
+
+
+def test_spherical_harmonics_beyond_e3nn_degree_limit():
+    """Degrees 13..16 (e3nn stops at 12) by recursion: component norm, Y(+y) = sqrt(2l+1) delta_m0, equivariant;
+    the same recursion from degree 4 reproduces e3nn's degrees 5..12."""
+    import matkit.nn.so2_reference as reference
+
+    v = torch.randn(10, 3, dtype=F64)
+    sh = spherical_harmonics(16, v)
+    for l in range(17):
+        np.testing.assert_allclose((sh[:, l * l:(l + 1) ** 2] ** 2).sum(1), 2 * l + 1, rtol=1e-12)
+    pole = spherical_harmonics(16, torch.tensor([[0.0, 2.0, 0.0]], dtype=F64))[0]
+    expected = torch.zeros(17 ** 2, dtype=F64)
+    expected[[l * l + l for l in range(17)]] = torch.tensor([np.sqrt(2 * l + 1) for l in range(17)], dtype=F64)
+    np.testing.assert_allclose(pole, expected, atol=1e-12)
+    rot = torch.tensor(random_rotation(5, False), dtype=F64)
+    with float64_default():
+        d = o3.Irreps([(1, (l, (-1) ** l)) for l in range(17)]).D_from_matrix(rot)
+    np.testing.assert_allclose(spherical_harmonics(16, v @ rot.T), sh @ d.T, atol=1e-9)
+    reference._raising_coefficients.cache_clear()
+    try:
+        reference.E3NN_MAX_SH_DEGREE = 4
+        recursed = spherical_harmonics(12, v)
+    finally:
+        reference.E3NN_MAX_SH_DEGREE = 12
+        reference._raising_coefficients.cache_clear()
+    np.testing.assert_allclose(recursed, o3.spherical_harmonics(list(range(13)), v, True, "component"), atol=1e-12)
 
 
 # ---- the model through the harness -------------------------------------------------------------------------
