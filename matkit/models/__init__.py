@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
 from .base import Potential, register, registry
 
 __all__ = ["Potential", "register", "build", "available", "get_class"]
@@ -41,10 +39,10 @@ def get_class(name: str) -> type:
 def build(name: str, **hparams) -> Potential:
     """Instantiate the potential registered as ``name`` with keyword hyperparameters.
 
-    Parameters and floating buffers are in ``torch.get_default_dtype()`` (a model may build constant tables in
-    float64 for accuracy); reference energies, scale and shift stay float64. Use ``.double()`` for float64.
+    Parameters are in ``torch.get_default_dtype()``; constant tables (grids, radial-basis centres) are built in
+    float64 and cast to the input's dtype where they are used, so ``.double()`` later loses no precision.
     """
-    return get_class(name)(**hparams).to(torch.get_default_dtype())
+    return get_class(name)(**hparams)
 
 
 def available() -> list[str]:

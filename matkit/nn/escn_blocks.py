@@ -57,15 +57,15 @@ class SphereGrid(nn.Module):
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
         """Coefficients (B, K, C) -> values (B, P, C)."""
-        return torch.matmul(self.to_grid_matrix, x)
+        return torch.matmul(self.to_grid_matrix.to(x.dtype), x)
 
     def from_grid(self, values: torch.Tensor) -> torch.Tensor:
         """Values (B, P, C) -> coefficients (B, K, C) by quadrature (projection onto the harmonics)."""
-        return torch.matmul(self.from_grid_matrix, values)
+        return torch.matmul(self.from_grid_matrix.to(values.dtype), values)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average over the sphere of values (B, P, C) -> (B, C)."""
-        return torch.einsum("p,bpc->bc", self.weights, values)
+        return torch.einsum("p,bpc->bc", self.weights.to(values.dtype), values)
 
 
 class GaussianBasis(nn.Module):

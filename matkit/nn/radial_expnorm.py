@@ -46,8 +46,6 @@ class ExpNormalBasis(nn.Module):
         start = math.exp(self.cutoff_lower - self.cutoff_upper)
         means = torch.linspace(start, 1.0, self.num_rbf, dtype=torch.float64)
         betas = torch.full((self.num_rbf,), (2.0 / self.num_rbf * (1.0 - start)) ** -2, dtype=torch.float64)
-        # computed in float64, stored in the default dtype like the parameters (``.double()`` recovers float64)
-        means, betas = means.to(torch.get_default_dtype()), betas.to(torch.get_default_dtype())
         if trainable:
             self.means, self.betas = nn.Parameter(means), nn.Parameter(betas)
         else:
@@ -57,4 +55,5 @@ class ExpNormalBasis(nn.Module):
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         d = d.unsqueeze(-1)
         envelope = cosine_cutoff(d, self.cutoff_upper)
-        return envelope * torch.exp(-self.betas * (torch.exp(self.alpha * (self.cutoff_lower - d)) - self.means) ** 2)
+        betas, means = self.betas.to(d.dtype), self.means.to(d.dtype)  # float64 constants, cast where used
+        return envelope * torch.exp(-betas * (torch.exp(self.alpha * (self.cutoff_lower - d)) - means) ** 2)
