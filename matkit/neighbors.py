@@ -1,41 +1,623 @@
-"""Neighbour lists (PLACEHOLDER: replaced by the Numba cell-list implementation).
+"""Neighbour lists: an O(N) Numba cell list for periodic, partly periodic and open systems.
 
-Public API (fixed; other modules rely on it):
+Public API
+----------
+``neighbor_list(positions, cell, pbc, cutoff, self_interaction=False) -> (i, j, S)``
+    Full list (both directions) of the pairs with ``|positions[j] + S @ cell - positions[i]| < cutoff``, the
+    meaning of ``ase.neighborlist.neighbor_list("ijS")``. ``i``, ``j``: int64 ``(n_pairs,)``; ``S``: int64
+    ``(n_pairs, 3)``, the integer cell shift of ``j`` (always 0 along non-periodic directions). Sorted by
+    ``(i, j, S)`` lexicographically.
+``batched_neighbor_list(positions, cells, pbc, ptr, cutoff, self_interaction=False) -> (i, j, S, counts)``
+    Many structures in one call (one Numba loop, no per-structure Python overhead); see its docstring.
+``VerletNeighborList(cutoff, skin).update(positions, cell, pbc) -> (i, j, S)``
+    Verlet-skin list for MD; ``n_builds`` counts the cell-list builds.
+``compile_time()``
+    First-call (JIT compile) and cache-load times of the kernels, measured in fresh subprocesses.
 
-    neighbor_list(positions, cell, pbc, cutoff, self_interaction=False) -> (i, j, S)
+Algorithm (one structure)
+-------------------------
+1. *Binning frame.* Rows of the frame are the lattice vectors along periodic directions. Along non-periodic
+   directions the cell vector is ignored (it may be zero) and replaced by unit vectors orthogonal to the periodic
+   ones; atoms are then binned over their bounding box in that direction. Shifts along non-periodic directions are 0.
+2. *Fractional coordinates* ``f = r @ inv(frame)``. Along a periodic direction k an atom is wrapped into the cell:
+   ``n_k = floor(f_k)``, and the wrapped Cartesian position ``p = r - n @ cell`` is used for all distances. The
+   integer wrap ``n`` is remembered, so the returned shift refers to the *input* (unwrapped) positions:
+   ``p_j + img @ cell - p_i = r_j + S @ cell - r_i`` with ``S = img + n_i - n_j``.
+3. *Bins.* The height of the cell along k (distance between the two faces not containing axis k) is
+   ``h_k = 1 / |b_k|`` with ``b_k`` the k-th reciprocal vector (column k of ``inv(frame)``). Each direction gets
+   ``nb_k = floor(h_k / (cutoff * BIN_FRACTION))`` bins (at least one; the total is capped at a few per atom, so
+   memory stays O(N) for dilute or huge open systems). Since ``|r_j - r_i| >= |f_j - f_i|_k * h_k``, every pair
+   within the cutoff lies within ``r_k = ceil(cutoff / (h_k / nb_k))`` bins along each direction. The search visits
+   bin offsets ``-r_k..r_k``; along periodic directions an offset that leaves the cell maps to bin
+   ``(b + d) mod nb_k`` in periodic image ``floor((b + d) / nb_k)`` -- when the cutoff exceeds the cell this walks
+   through as many images as needed. Along non-periodic directions the offsets are clipped to the existing bins.
+4. *Counting sort* of the atoms by bin (stable, so the atoms of a bin are in increasing index order), with their
+   wrapped coordinates copied into bin order for contiguous access.
+5. *Rows.* For each atom ``i`` (in index order) the candidates of the neighbour bins are tested; each hit is encoded
+   as one int64 key ``(j, image)``. For fixed ``i`` and ``j``, ``S = img + n_i - n_j`` is a constant translation of
+   ``img``, so sorting the row's keys gives the documented ``(i, j, S)`` order without a global sort. Output arrays
+   grow geometrically (pair count estimated from the density first).
 
-i, j: int64 arrays (n_pairs,), S: int64 array (n_pairs, 3). Same meaning as
-``ase.neighborlist.neighbor_list("ijS")``: |positions[j] + S @ cell - positions[i]| < cutoff.
-Full list (both directions), sorted by (i, j, S).
+Cost: O(N) bins and candidates for a fixed density and cutoff, plus O(k log k) per row of k neighbours.
 """
 from __future__ import annotations
 
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
+from numba import njit
+
+__all__ = ["neighbor_list", "batched_neighbor_list", "VerletNeighborList", "compile_time"]
+
+BIN_FRACTION = 0.5
+"""Target bin width as a fraction of the cutoff (0.5: 5 bins per direction are searched)."""
+MAX_BINS_PER_ATOM = 2.0
+"""Cap on the number of bins per atom (keeps memory O(N) for dilute cells and large open systems)."""
+MAX_IMAGE_BOXES = 50_000_000
+"""Refuse searches that would visit more (bin offset) boxes per atom than this (cutoff absurdly large vs cell)."""
+
+# Status codes returned by the kernels (0 = ok).
+_OK, _NONFINITE_POSITIONS, _NONFINITE_CELL, _SINGULAR_CELL, _TOO_MANY_IMAGES, _KEY_OVERFLOW = range(6)
+_SINGULAR_TOL = 1e-10  # |volume| / (product of periodic vector lengths) below this: singular
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numba kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+@njit(cache=True)
+def _inverse3(m):
+    """Inverse of a 3x3 matrix ``m`` (3,3) and its determinant (inverse undefined when det == 0)."""
+    inv = np.empty((3, 3))
+    inv[0, 0] = m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1]
+    inv[0, 1] = m[0, 2] * m[2, 1] - m[0, 1] * m[2, 2]
+    inv[0, 2] = m[0, 1] * m[1, 2] - m[0, 2] * m[1, 1]
+    inv[1, 0] = m[1, 2] * m[2, 0] - m[1, 0] * m[2, 2]
+    inv[1, 1] = m[0, 0] * m[2, 2] - m[0, 2] * m[2, 0]
+    inv[1, 2] = m[0, 2] * m[1, 0] - m[0, 0] * m[1, 2]
+    inv[2, 0] = m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0]
+    inv[2, 1] = m[0, 1] * m[2, 0] - m[0, 0] * m[2, 1]
+    inv[2, 2] = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    det = m[0, 0] * inv[0, 0] + m[0, 1] * inv[1, 0] + m[0, 2] * inv[2, 0]
+    if det != 0.0:
+        for a in range(3):
+            for b in range(3):
+                inv[a, b] /= det
+    return inv, det
+
+
+@njit(cache=True)
+def _norm3(v):
+    """Euclidean norm of a length-3 vector."""
+    return math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+
+
+@njit(cache=True)
+def _cross3(a, b):
+    """Cross product of two length-3 vectors, (3,)."""
+    out = np.empty(3)
+    out[0] = a[1] * b[2] - a[2] * b[1]
+    out[1] = a[2] * b[0] - a[0] * b[2]
+    out[2] = a[0] * b[1] - a[1] * b[0]
+    return out
+
+
+@njit(cache=True)
+def _binning_frame(cell, pbc):
+    """Frame (3,3) used for binning, and a status code.
+
+    Row k is ``cell[k]`` along periodic directions. Non-periodic rows are unit vectors orthogonal to the periodic
+    rows (and to each other), so only the periodic lattice vectors must be valid (finite, linearly independent).
+    """
+    frame = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            if not math.isfinite(cell[a, b]):
+                if pbc[a]:
+                    return frame, _NONFINITE_CELL
+    periodic = np.empty(3, np.int64)
+    open_ = np.empty(3, np.int64)
+    n_per = 0
+    n_open = 0
+    for k in range(3):
+        if pbc[k]:
+            periodic[n_per] = k
+            n_per += 1
+            frame[k, :] = cell[k, :]
+            if _norm3(cell[k]) == 0.0:
+                return frame, _SINGULAR_CELL
+        else:
+            open_[n_open] = k
+            n_open += 1
+    if n_per == 0:
+        for k in range(3):
+            frame[k, k] = 1.0
+    elif n_per == 1:
+        a = cell[periodic[0]]
+        u = a / _norm3(a)
+        e = np.zeros(3)
+        e[np.argmin(np.abs(u))] = 1.0  # axis least aligned with u
+        v1 = e - (e[0] * u[0] + e[1] * u[1] + e[2] * u[2]) * u
+        v1 /= _norm3(v1)
+        v2 = _cross3(u, v1)
+        frame[open_[0], :] = v1
+        frame[open_[1], :] = v2
+    elif n_per == 2:
+        a = cell[periodic[0]]
+        b = cell[periodic[1]]
+        n = _cross3(a, b)
+        nn = _norm3(n)
+        if nn <= _SINGULAR_TOL * _norm3(a) * _norm3(b):
+            return frame, _SINGULAR_CELL
+        frame[open_[0], :] = n / nn
+    else:
+        _, det = _inverse3(frame)
+        if abs(det) <= _SINGULAR_TOL * _norm3(cell[0]) * _norm3(cell[1]) * _norm3(cell[2]):
+            return frame, _SINGULAR_CELL
+    return frame, _OK
+
+
+@njit(cache=True)
+def _bin_grid(heights, cutoff, n_atoms):
+    """Bins per direction ``nb`` (3,) int64 and search reach ``reach`` (3,) int64 for cell heights (3,) in Å.
+
+    Bin width targets ``cutoff * BIN_FRACTION`` and is widened until there are at most ``MAX_BINS_PER_ATOM`` bins per
+    atom. ``reach[k] = ceil(cutoff / (heights[k] / nb[k]))`` bins must be searched on either side.
+    """
+    max_bins = max(MAX_BINS_PER_ATOM * n_atoms, 1.0)
+    width = cutoff * BIN_FRACTION
+    nb = np.ones(3, np.int64)
+    while True:
+        total = 1.0
+        for k in range(3):
+            nb_k = math.floor(heights[k] / width)
+            nb_k = min(max(nb_k, 1.0), max_bins)
+            nb[k] = np.int64(nb_k)
+            total *= nb_k
+        if total <= max_bins:
+            break
+        width *= max(1.05, (total / max_bins) ** (1.0 / 3.0))
+    reach = np.zeros(3, np.int64)
+    for k in range(3):
+        if heights[k] > 0.0:
+            reach[k] = np.int64(math.ceil(cutoff * nb[k] / heights[k]))
+    return nb, reach
+
+
+@njit(cache=True)
+def _insertion_sort(keys, n):
+    """Sort ``keys[:n]`` (int64) in place; fast for the short, nearly sorted rows of a neighbour list."""
+    for a in range(1, n):
+        key = keys[a]
+        b = a - 1
+        while b >= 0 and keys[b] > key:
+            keys[b + 1] = keys[b]
+            b -= 1
+        keys[b + 1] = key
+
+
+@njit(cache=True)
+def _grow_int(arr, new_len):
+    """Copy of 1-d int64 ``arr`` with length ``new_len`` (>= len(arr))."""
+    out = np.empty(new_len, np.int64)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+@njit(cache=True)
+def _grow_int2(arr, new_len):
+    """Copy of 2-d int64 ``arr`` (n,3) with ``new_len`` rows (>= n)."""
+    out = np.empty((new_len, 3), np.int64)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+@njit(cache=True)
+def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, out_j, out_s, n_out):
+    """Append the pairs of one structure to the output arrays.
+
+    pos (n,3) Å, cell (3,3) Å (rows = lattice vectors), pbc (3,) bool, cutoff Å; ``offset`` is added to the atom
+    indices. out_i, out_j (cap,) and out_s (cap,3) int64 hold ``n_out`` pairs already. Returns the (possibly
+    reallocated) output arrays, the new pair count and a status code.
+    """
+    n = pos.shape[0]
+    if n == 0:
+        return out_i, out_j, out_s, n_out, _OK
+    for a in range(n):
+        for c in range(3):
+            if not math.isfinite(pos[a, c]):
+                return out_i, out_j, out_s, n_out, _NONFINITE_POSITIONS
+    frame, status = _binning_frame(cell, pbc)
+    if status != _OK:
+        return out_i, out_j, out_s, n_out, status
+    inv, det = _inverse3(frame)
+
+    # fractional coordinates, wrapping along periodic directions
+    frac = pos @ inv  # (n,3)
+    wrap = np.zeros((n, 3), np.int64)
+    heights = np.empty(3)
+    for k in range(3):
+        h = 1.0 / math.sqrt(inv[0, k] ** 2 + inv[1, k] ** 2 + inv[2, k] ** 2)
+        if pbc[k]:
+            for a in range(n):
+                fl = math.floor(frac[a, k])
+                wrap[a, k] = np.int64(fl)
+                frac[a, k] -= fl
+            heights[k] = h
+        else:
+            lo = frac[:, k].min()
+            span = frac[:, k].max() - lo
+            scale = 1.0 / span if span > 0.0 else 0.0
+            for a in range(n):
+                frac[a, k] = (frac[a, k] - lo) * scale
+            heights[k] = span * h
+
+    nb, reach = _bin_grid(heights, cutoff, n)
+    for k in range(3):
+        if not pbc[k]:
+            reach[k] = min(reach[k], nb[k] - 1)
+    if (2.0 * reach[0] + 1.0) * (2.0 * reach[1] + 1.0) * (2.0 * reach[2] + 1.0) > MAX_IMAGE_BOXES:
+        return out_i, out_j, out_s, n_out, _TOO_MANY_IMAGES
+
+    # bin index of every atom, counting sort by bin, wrapped Cartesian coordinates in bin order
+    n_bins = nb[0] * nb[1] * nb[2]
+    atom_bin = np.empty((n, 3), np.int64)
+    bin_of = np.empty(n, np.int64)
+    bin_start = np.zeros(n_bins + 1, np.int64)
+    for a in range(n):
+        for k in range(3):
+            c = np.int64(frac[a, k] * nb[k])
+            atom_bin[a, k] = min(max(c, 0), nb[k] - 1)
+        b = (atom_bin[a, 0] * nb[1] + atom_bin[a, 1]) * nb[2] + atom_bin[a, 2]
+        bin_of[a] = b
+        bin_start[b + 1] += 1
+    for b in range(n_bins):
+        bin_start[b + 1] += bin_start[b]
+    fill = bin_start[:-1].copy()
+    px = np.empty(n)  # wrapped positions, original order
+    py = np.empty(n)
+    pz = np.empty(n)
+    sx = np.empty(n)  # wrapped positions, bin order
+    sy = np.empty(n)
+    sz = np.empty(n)
+    s_idx = np.empty(n, np.int64)
+    for a in range(n):
+        x = pos[a, 0] - wrap[a, 0] * cell[0, 0] - wrap[a, 1] * cell[1, 0] - wrap[a, 2] * cell[2, 0]
+        y = pos[a, 1] - wrap[a, 0] * cell[0, 1] - wrap[a, 1] * cell[1, 1] - wrap[a, 2] * cell[2, 1]
+        z = pos[a, 2] - wrap[a, 0] * cell[0, 2] - wrap[a, 1] * cell[1, 2] - wrap[a, 2] * cell[2, 2]
+        px[a] = x
+        py[a] = y
+        pz[a] = z
+        slot = fill[bin_of[a]]
+        fill[bin_of[a]] += 1
+        sx[slot] = x
+        sy[slot] = y
+        sz[slot] = z
+        s_idx[slot] = a
+
+    # per-direction tables: neighbour bin t = b + d (d in -reach..reach) -> wrapped bin and periodic image
+    tab_bin = np.empty((3, np.max(nb) + 2 * np.max(reach)), np.int64)
+    tab_img = np.zeros((3, np.max(nb) + 2 * np.max(reach)), np.int64)
+    img_max = 0
+    for k in range(3):
+        for t in range(nb[k] + 2 * reach[k]):
+            u = t - reach[k]
+            if pbc[k]:
+                q = u // nb[k]
+                tab_bin[k, t] = u - q * nb[k]
+                tab_img[k, t] = q
+                img_max = max(img_max, abs(q))
+            else:
+                tab_bin[k, t] = u  # only used inside [0, nb)
+    # key = (j << 3*bits) | image code; image components stored with an offset of img_max
+    bits = 1
+    while (1 << bits) < 2 * img_max + 1:
+        bits += 1
+    if n + offset >= (1 << (62 - 3 * bits)):
+        return out_i, out_j, out_s, n_out, _KEY_OVERFLOW
+    mask = (1 << bits) - 1
+    zero_code = (img_max << (2 * bits)) | (img_max << bits) | img_max
+
+    # expected number of pairs (periodic bulk estimate) to size the output once
+    if pbc[0] and pbc[1] and pbc[2]:
+        expect = np.int64(1.15 * n * n / abs(det) * 4.1888 * cutoff ** 3) + n
+    else:
+        expect = 16 * n
+    if n_out + expect > out_j.shape[0]:
+        cap = max(n_out + expect, 2 * out_j.shape[0])
+        out_i = _grow_int(out_i, cap)
+        out_j = _grow_int(out_j, cap)
+        out_s = _grow_int2(out_s, cap)
+
+    rc2 = cutoff * cutoff
+    keys = np.empty(max(64, 2 * expect // n), np.int64)
+    for i in range(n):
+        count = 0
+        xi = px[i]
+        yi = py[i]
+        zi = pz[i]
+        b0 = atom_bin[i, 0]
+        b1 = atom_bin[i, 1]
+        b2 = atom_bin[i, 2]
+        lo0 = -reach[0] if pbc[0] else max(-reach[0], -b0)
+        hi0 = reach[0] if pbc[0] else min(reach[0], nb[0] - 1 - b0)
+        lo1 = -reach[1] if pbc[1] else max(-reach[1], -b1)
+        hi1 = reach[1] if pbc[1] else min(reach[1], nb[1] - 1 - b1)
+        lo2 = -reach[2] if pbc[2] else max(-reach[2], -b2)
+        hi2 = reach[2] if pbc[2] else min(reach[2], nb[2] - 1 - b2)
+        for d0 in range(lo0, hi0 + 1):
+            t0 = b0 + d0 + reach[0]
+            m0 = tab_bin[0, t0]
+            g0 = tab_img[0, t0]
+            for d1 in range(lo1, hi1 + 1):
+                t1 = b1 + d1 + reach[1]
+                m01 = m0 * nb[1] + tab_bin[1, t1]
+                g1 = tab_img[1, t1]
+                for d2 in range(lo2, hi2 + 1):
+                    t2 = b2 + d2 + reach[2]
+                    m = m01 * nb[2] + tab_bin[2, t2]
+                    start = bin_start[m]
+                    stop = bin_start[m + 1]
+                    if start == stop:
+                        continue
+                    g2 = tab_img[2, t2]
+                    # q = p_i - img @ cell; pair vector = p_j - q
+                    qx = xi - g0 * cell[0, 0] - g1 * cell[1, 0] - g2 * cell[2, 0]
+                    qy = yi - g0 * cell[0, 1] - g1 * cell[1, 1] - g2 * cell[2, 1]
+                    qz = zi - g0 * cell[0, 2] - g1 * cell[1, 2] - g2 * cell[2, 2]
+                    code = ((g0 + img_max) << (2 * bits)) | ((g1 + img_max) << bits) | (g2 + img_max)
+                    for s in range(start, stop):
+                        ex = sx[s] - qx
+                        ey = sy[s] - qy
+                        ez = sz[s] - qz
+                        if ex * ex + ey * ey + ez * ez < rc2:
+                            j = s_idx[s]
+                            if j == i and code == zero_code and not self_interaction:
+                                continue
+                            if count == keys.shape[0]:
+                                keys = _grow_int(keys, 2 * count)
+                            keys[count] = (j << (3 * bits)) | code
+                            count += 1
+        if count <= 32:
+            _insertion_sort(keys, count)
+        else:
+            keys[:count].sort()
+        if n_out + count > out_j.shape[0]:
+            cap = max(n_out + count, 2 * out_j.shape[0])
+            out_i = _grow_int(out_i, cap)
+            out_j = _grow_int(out_j, cap)
+            out_s = _grow_int2(out_s, cap)
+        w0 = wrap[i, 0] - img_max
+        w1 = wrap[i, 1] - img_max
+        w2 = wrap[i, 2] - img_max
+        for c in range(count):
+            key = keys[c]
+            j = key >> (3 * bits)
+            out_i[n_out] = i + offset
+            out_j[n_out] = j + offset
+            out_s[n_out, 0] = ((key >> (2 * bits)) & mask) + w0 - wrap[j, 0]
+            out_s[n_out, 1] = ((key >> bits) & mask) + w1 - wrap[j, 1]
+            out_s[n_out, 2] = (key & mask) + w2 - wrap[j, 2]
+            n_out += 1
+    return out_i, out_j, out_s, n_out, _OK
+
+
+@njit(cache=True)
+def _batched_pairs(positions, cells, pbcs, ptr, cutoff, self_interaction):
+    """Pairs of all structures: positions (N,3), cells (B,3,3), pbcs (B,3) bool, ptr (B+1,) int64 atom offsets.
+
+    Returns global out_i, out_j (n_pairs,), out_s (n_pairs,3), counts (B,) pairs per structure, status code and the
+    index of the failing structure (-1 when ok).
+    """
+    n_struct = ptr.shape[0] - 1
+    counts = np.zeros(n_struct, np.int64)
+    cap = 16 * positions.shape[0] + 16
+    out_i = np.empty(cap, np.int64)
+    out_j = np.empty(cap, np.int64)
+    out_s = np.empty((cap, 3), np.int64)
+    n_out = 0
+    for b in range(n_struct):
+        before = n_out
+        out_i, out_j, out_s, n_out, status = _structure_pairs(
+            positions[ptr[b]:ptr[b + 1]], cells[b], pbcs[b], cutoff, self_interaction, ptr[b],
+            out_i, out_j, out_s, n_out)
+        if status != _OK:
+            return out_i[:0], out_j[:0], out_s[:0], counts, status, b
+        counts[b] = n_out - before
+    if out_j.shape[0] > n_out + n_out // 2 + 1024:  # do not hand back a much larger buffer than needed
+        return out_i[:n_out].copy(), out_j[:n_out].copy(), out_s[:n_out].copy(), counts, _OK, -1
+    return out_i[:n_out], out_j[:n_out], out_s[:n_out], counts, _OK, -1
+
+
+@njit(cache=True)
+def _filter_pairs(positions, cell, i, j, s, cutoff):
+    """Subset of pairs (i, j, s) with |positions[j] + s @ cell - positions[i]| < cutoff (order kept)."""
+    n = i.shape[0]
+    keep = np.empty(n, np.bool_)
+    count = 0
+    rc2 = cutoff * cutoff
+    for p in range(n):
+        a = i[p]
+        b = j[p]
+        d2 = 0.0
+        for c in range(3):
+            d = positions[b, c] - positions[a, c] + s[p, 0] * cell[0, c] + s[p, 1] * cell[1, c] + s[p, 2] * cell[2, c]
+            d2 += d * d
+        keep[p] = d2 < rc2
+        count += keep[p]
+    out_i = np.empty(count, np.int64)
+    out_j = np.empty(count, np.int64)
+    out_s = np.empty((count, 3), np.int64)
+    q = 0
+    for p in range(n):
+        if keep[p]:
+            out_i[q] = i[p]
+            out_j[q] = j[p]
+            out_s[q] = s[p]
+            q += 1
+    return out_i, out_j, out_s
+
+
+@njit(cache=True)
+def _max_displacement2(positions, reference):
+    """Largest squared displacement between positions (n,3) and reference (n,3)."""
+    best = 0.0
+    for a in range(positions.shape[0]):
+        d2 = 0.0
+        for c in range(3):
+            d = positions[a, c] - reference[a, c]
+            d2 += d * d
+        best = max(best, d2)
+    return best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Python API
+# ----------------------------------------------------------------------------------------------------------------
+
+_MESSAGES = {
+    _NONFINITE_POSITIONS: "positions contain NaN or inf",
+    _NONFINITE_CELL: "cell contains NaN or inf along a periodic direction",
+    _SINGULAR_CELL: "cell is singular (zero volume) along its periodic directions",
+    _TOO_MANY_IMAGES: "cutoff is absurdly large compared with the cell (too many periodic images)",
+    _KEY_OVERFLOW: "too many atoms or periodic images for the int64 pair keys",
+}
+
+
+def _check_cutoff(cutoff) -> float:
+    cutoff = float(cutoff)
+    if not (math.isfinite(cutoff) and cutoff > 0.0):
+        raise ValueError(f"cutoff must be a finite number > 0, got {cutoff}")
+    return cutoff
+
+
+def _as_positions(positions) -> np.ndarray:
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    if positions.ndim != 2 or positions.shape[1] != 3:
+        if positions.size == 0:
+            return np.zeros((0, 3))
+        raise ValueError(f"positions must have shape (n_atoms, 3), got {positions.shape}")
+    return positions
+
+
+def _as_pbc(pbc, n_struct=None) -> np.ndarray:
+    pbc = np.asarray(pbc)
+    if pbc.dtype != np.bool_:
+        if not np.isin(pbc, (0, 1)).all():
+            raise ValueError(f"pbc must be booleans, got {pbc}")
+        pbc = pbc.astype(np.bool_)
+    if n_struct is None:
+        if pbc.shape == ():
+            return np.full(3, bool(pbc))
+        if pbc.shape != (3,):
+            raise ValueError(f"pbc must be a bool or have shape (3,), got shape {pbc.shape}")
+        return np.ascontiguousarray(pbc)
+    if pbc.shape == () or pbc.shape == (3,):
+        return np.ascontiguousarray(np.broadcast_to(pbc, (n_struct, 3)))
+    if pbc.shape != (n_struct, 3):
+        raise ValueError(f"pbc must have shape (3,) or ({n_struct}, 3), got {pbc.shape}")
+    return np.ascontiguousarray(pbc)
+
+
+def _raise(status, structure=None):
+    where = "" if structure is None else f" (structure {structure})"
+    raise ValueError(_MESSAGES[status] + where)
 
 
 def neighbor_list(positions, cell, pbc, cutoff, self_interaction=False):
-    from ase.neighborlist import primitive_neighbor_list
+    """Full neighbour list of one structure.
 
-    i, j, S = primitive_neighbor_list(
-        "ijS", np.asarray(pbc, bool), np.asarray(cell, float), np.asarray(positions, float), float(cutoff),
-        self_interaction=self_interaction, use_scaled_positions=False,
-    )
-    order = np.lexsort((S[:, 2], S[:, 1], S[:, 0], j, i))
-    return i[order].astype(np.int64), j[order].astype(np.int64), S[order].astype(np.int64)
+    Parameters
+    ----------
+    positions : (n_atoms, 3) float, Å. Atoms may lie outside the cell.
+    cell : (3, 3) float, Å, rows = lattice vectors. Only the periodic rows are used (non-periodic rows may be zero).
+    pbc : bool or (3,) bool, periodicity along each lattice vector.
+    cutoff : float, Å; pairs with distance strictly below it.
+    self_interaction : include the pair (i, i, S=0).
+
+    Returns
+    -------
+    i, j : (n_pairs,) int64 and S : (n_pairs, 3) int64 with ``|positions[j] + S @ cell - positions[i]| < cutoff``,
+    both directions, sorted by (i, j, S) lexicographically (identical to ASE ``neighbor_list("ijS")`` as a set).
+    """
+    positions = _as_positions(positions)
+    cell = np.ascontiguousarray(cell, dtype=np.float64)
+    if cell.shape != (3, 3):
+        raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
+    pbc = _as_pbc(pbc)
+    cutoff = _check_cutoff(cutoff)
+    ptr = np.array([0, positions.shape[0]], np.int64)
+    i, j, S, _, status, _ = _batched_pairs(positions, cell[None], pbc[None], ptr, cutoff, bool(self_interaction))
+    if status:
+        _raise(status)
+    return i, j, S
+
+
+def batched_neighbor_list(positions, cells, pbc, ptr=None, cutoff=None, self_interaction=False):
+    """Neighbour lists of many structures in one Numba call (no per-structure Python overhead).
+
+    Parameters
+    ----------
+    positions : (N_total, 3) float, Å: the structures' atoms concatenated; or a sequence of (n_b, 3) arrays, in which
+        case ``ptr`` must be None and is built from their lengths.
+    cells : (B, 3, 3) float, Å, rows = lattice vectors.
+    pbc : (B, 3) bool, or (3,) / bool shared by all structures.
+    ptr : (B + 1,) int, atom offsets: structure b owns atoms ``ptr[b]:ptr[b+1]`` (``ptr[0] == 0``, non-decreasing).
+    cutoff : float, Å.
+    self_interaction : include (i, i, S=0).
+
+    Returns
+    -------
+    i, j : (n_pairs,) int64 *global* atom indices (already offset by ``ptr``); S : (n_pairs, 3) int64 shifts in units
+    of the structure's own cell; counts : (B,) int64 pairs per structure. The pairs of structure b are the contiguous
+    block ``[cumsum(counts)[b-1], cumsum(counts)[b])``, each block equal to ``neighbor_list`` of that structure, so the
+    whole list is sorted by (i, j, S). The structure of each pair is ``np.repeat(np.arange(B), counts)``.
+    """
+    if cutoff is None:
+        raise TypeError("batched_neighbor_list() needs a cutoff")
+    if ptr is None:
+        blocks = [_as_positions(p) for p in positions]
+        ptr = np.zeros(len(blocks) + 1, np.int64)
+        ptr[1:] = np.cumsum([len(p) for p in blocks])
+        positions = np.concatenate(blocks) if blocks else np.zeros((0, 3))
+    positions = _as_positions(positions)
+    ptr = np.ascontiguousarray(ptr, dtype=np.int64)
+    if ptr.ndim != 1 or len(ptr) < 1 or ptr[0] != 0 or ptr[-1] != len(positions) or (np.diff(ptr) < 0).any():
+        raise ValueError(f"ptr must be non-decreasing offsets from 0 to n_atoms={len(positions)}, got {ptr}")
+    n_struct = len(ptr) - 1
+    cells = np.ascontiguousarray(cells, dtype=np.float64)
+    if cells.shape != (n_struct, 3, 3):
+        raise ValueError(f"cells must have shape ({n_struct}, 3, 3), got {cells.shape}")
+    pbc = _as_pbc(pbc, n_struct)
+    cutoff = _check_cutoff(cutoff)
+    i, j, S, counts, status, where = _batched_pairs(positions, cells, pbc, ptr, cutoff, bool(self_interaction))
+    if status:
+        _raise(status, where)
+    return i, j, S, counts
 
 
 class VerletNeighborList:
-    """Neighbour list with a Verlet skin, for MD (placeholder version over :func:`neighbor_list`).
+    """Neighbour list with a Verlet skin, for MD and relaxations.
 
-    ``update(positions, cell, pbc)`` returns exactly the pairs closer than ``cutoff``; the underlying list is
-    built with ``cutoff + skin`` and rebuilt only when an atom moved more than ``skin / 2`` since the last
-    build, or the cell, pbc or number of atoms changed.
+    ``update(positions, cell, pbc)`` returns exactly the pairs closer than ``cutoff`` (same format and order as
+    :func:`neighbor_list`). The underlying cell list is built with ``cutoff + skin`` and rebuilt only when an atom moved
+    more than ``skin / 2`` since the last build (then no pair can have crossed into the cutoff unseen), or the cell,
+    pbc or number of atoms changed. Wrapping atoms back into the cell counts as a large move (rebuild), so the
+    returned shifts always refer to the positions passed in. ``n_builds`` counts the builds.
     """
 
     def __init__(self, cutoff: float, skin: float = 0.0):
-        self.cutoff, self.skin = float(cutoff), float(skin)
+        self.cutoff = _check_cutoff(cutoff)
+        self.skin = float(skin)
+        if not (math.isfinite(self.skin) and self.skin >= 0.0):
+            raise ValueError(f"skin must be a finite number >= 0, got {skin}")
         self.n_builds = 0
         self._ref = None
+        self._pairs = None
 
     def _needs_rebuild(self, positions, cell, pbc) -> bool:
         if self._ref is None:
@@ -45,20 +627,49 @@ class VerletNeighborList:
             return True
         if self.skin <= 0:
             return True
-        moved2 = ((positions - ref_pos) ** 2).sum(axis=1).max(initial=0.0)
-        return moved2 > (0.5 * self.skin) ** 2
+        return _max_displacement2(positions, ref_pos) > (0.5 * self.skin) ** 2
 
     def update(self, positions, cell, pbc):
-        positions = np.asarray(positions, dtype=np.float64)
-        cell = np.asarray(cell, dtype=np.float64)
-        pbc = np.asarray(pbc, dtype=bool)
+        """Pairs (i, j, S) within ``cutoff`` for positions (n,3) Å, cell (3,3) Å, pbc (3,) bool."""
+        positions = _as_positions(positions)
+        cell = np.ascontiguousarray(cell, dtype=np.float64)
+        pbc = _as_pbc(pbc)
         if self._needs_rebuild(positions, cell, pbc):
-            self._pairs = neighbor_list(positions, cell, pbc, self.cutoff + max(self.skin, 0.0))
+            self._pairs = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
             self._ref = (positions.copy(), cell.copy(), pbc.copy())
             self.n_builds += 1
         i, j, S = self._pairs
         if self.skin <= 0:
             return i, j, S
-        d = positions[j] - positions[i] + S @ cell
-        keep = (d * d).sum(axis=1) < self.cutoff ** 2
-        return i[keep], j[keep], S[keep]
+        return _filter_pairs(positions, cell, i, j, S, self.cutoff)
+
+
+_COMPILE_PROBE = """
+import time, numpy as np
+t0 = time.perf_counter()
+from matkit.neighbors import neighbor_list, batched_neighbor_list, VerletNeighborList
+t1 = time.perf_counter()
+pos = np.array([[0.0, 0.0, 0.0], [1.0, 1.1, 0.9]]); cell = np.eye(3) * 3.0
+neighbor_list(pos, cell, [True, True, True], 2.5)
+batched_neighbor_list(pos, cell[None], [True, False, True], np.array([0, 2]), 2.5)
+VerletNeighborList(2.0, 0.5).update(pos, cell, [True, True, True])
+print(t1 - t0, time.perf_counter() - t1)
+"""
+
+
+def compile_time() -> dict:
+    """First-call cost of the Numba kernels, measured in fresh Python processes.
+
+    Returns ``{"compile_s": s, "cached_s": s, "import_s": s}``: the first calls of ``neighbor_list``,
+    ``batched_neighbor_list`` and ``VerletNeighborList.update`` with an empty Numba cache (full JIT compilation), then
+    again in a second process that loads the kernels from that cache (``cache=True``), and the module import time.
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True,
+                                 check=True)
+            runs.append([float(x) for x in out.stdout.split()])
+    return {"compile_s": runs[0][1], "cached_s": runs[1][1], "import_s": runs[1][0]}
