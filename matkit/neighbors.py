@@ -70,9 +70,8 @@ _SINGULAR_TOL = 1e-10  # |volume| / (product of periodic vector lengths) below t
 # ----------------------------------------------------------------------------------------------------------------
 
 @njit(cache=True)
-def _inverse3(m):
-    """Inverse of a 3x3 matrix ``m`` (3,3) and its determinant (inverse undefined when det == 0)."""
-    inv = np.empty((3, 3))
+def _inverse3(m, inv):
+    """Write the inverse of the 3x3 matrix ``m`` into ``inv`` (3,3); returns det(m) (inverse invalid if 0)."""
     inv[0, 0] = m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1]
     inv[0, 1] = m[0, 2] * m[2, 1] - m[0, 1] * m[2, 2]
     inv[0, 2] = m[0, 1] * m[1, 2] - m[0, 2] * m[1, 1]
@@ -87,133 +86,305 @@ def _inverse3(m):
         for a in range(3):
             for b in range(3):
                 inv[a, b] /= det
-    return inv, det
+    return det
 
 
 @njit(cache=True)
-def _norm3(v):
-    """Euclidean norm of a length-3 vector."""
-    return math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+def _row_norm(m, k):
+    """Euclidean norm of row k of a (3,3) matrix."""
+    return math.sqrt(m[k, 0] * m[k, 0] + m[k, 1] * m[k, 1] + m[k, 2] * m[k, 2])
 
 
 @njit(cache=True)
-def _cross3(a, b):
-    """Cross product of two length-3 vectors, (3,)."""
-    out = np.empty(3)
-    out[0] = a[1] * b[2] - a[2] * b[1]
-    out[1] = a[2] * b[0] - a[0] * b[2]
-    out[2] = a[0] * b[1] - a[1] * b[0]
-    return out
+def _cross_into(m, a, b, k):
+    """Row k of ``m`` := normalised cross product of rows a and b; returns the norm before normalising."""
+    x = m[a, 1] * m[b, 2] - m[a, 2] * m[b, 1]
+    y = m[a, 2] * m[b, 0] - m[a, 0] * m[b, 2]
+    z = m[a, 0] * m[b, 1] - m[a, 1] * m[b, 0]
+    norm = math.sqrt(x * x + y * y + z * z)
+    if norm > 0.0:
+        m[k, 0] = x / norm
+        m[k, 1] = y / norm
+        m[k, 2] = z / norm
+    return norm
 
 
 @njit(cache=True)
-def _binning_frame(cell, pbc):
-    """Frame (3,3) used for binning, and a status code.
+def _binning_frame(cell, pbc, frame):
+    """Fill ``frame`` (3,3) with the binning frame of ``cell`` (3,3) / ``pbc`` (3,); returns a status code.
 
     Row k is ``cell[k]`` along periodic directions. Non-periodic rows are unit vectors orthogonal to the periodic
-    rows (and to each other), so only the periodic lattice vectors must be valid (finite, linearly independent).
+    rows and to each other, so only the periodic lattice vectors must be valid (finite, linearly independent).
     """
-    frame = np.zeros((3, 3))
-    for a in range(3):
-        for b in range(3):
-            if not math.isfinite(cell[a, b]):
-                if pbc[a]:
-                    return frame, _NONFINITE_CELL
-    periodic = np.empty(3, np.int64)
-    open_ = np.empty(3, np.int64)
     n_per = 0
-    n_open = 0
     for k in range(3):
+        for c in range(3):
+            frame[k, c] = 0.0
         if pbc[k]:
-            periodic[n_per] = k
             n_per += 1
-            frame[k, :] = cell[k, :]
-            if _norm3(cell[k]) == 0.0:
-                return frame, _SINGULAR_CELL
-        else:
-            open_[n_open] = k
-            n_open += 1
+            for c in range(3):
+                if not math.isfinite(cell[k, c]):
+                    return _NONFINITE_CELL
+                frame[k, c] = cell[k, c]
+            if _row_norm(frame, k) == 0.0:
+                return _SINGULAR_CELL
     if n_per == 0:
         for k in range(3):
             frame[k, k] = 1.0
     elif n_per == 1:
-        a = cell[periodic[0]]
-        u = a / _norm3(a)
-        e = np.zeros(3)
-        e[np.argmin(np.abs(u))] = 1.0  # axis least aligned with u
-        v1 = e - (e[0] * u[0] + e[1] * u[1] + e[2] * u[2]) * u
-        v1 /= _norm3(v1)
-        v2 = _cross3(u, v1)
-        frame[open_[0], :] = v1
-        frame[open_[1], :] = v2
+        p = 0 if pbc[0] else (1 if pbc[1] else 2)
+        o1 = (p + 1) % 3
+        o2 = (p + 2) % 3
+        # helper axis least aligned with the periodic vector, then two cross products give an orthonormal pair
+        ax = 0
+        for c in range(1, 3):
+            if abs(frame[p, c]) < abs(frame[p, ax]):
+                ax = c
+        frame[o2, ax] = 1.0
+        _cross_into(frame, p, o2, o1)  # o1 := unit(a x e), orthogonal to a
+        for c in range(3):
+            frame[o2, c] = 0.0
+        _cross_into(frame, p, o1, o2)  # o2 := unit(a x o1), orthogonal to a and o1
     elif n_per == 2:
-        a = cell[periodic[0]]
-        b = cell[periodic[1]]
-        n = _cross3(a, b)
-        nn = _norm3(n)
-        if nn <= _SINGULAR_TOL * _norm3(a) * _norm3(b):
-            return frame, _SINGULAR_CELL
-        frame[open_[0], :] = n / nn
+        o = 0 if not pbc[0] else (1 if not pbc[1] else 2)
+        a = (o + 1) % 3
+        b = (o + 2) % 3
+        if _cross_into(frame, a, b, o) <= _SINGULAR_TOL * _row_norm(frame, a) * _row_norm(frame, b):
+            return _SINGULAR_CELL
     else:
-        _, det = _inverse3(frame)
-        if abs(det) <= _SINGULAR_TOL * _norm3(cell[0]) * _norm3(cell[1]) * _norm3(cell[2]):
-            return frame, _SINGULAR_CELL
-    return frame, _OK
+        det = (frame[0, 0] * (frame[1, 1] * frame[2, 2] - frame[1, 2] * frame[2, 1])
+               - frame[0, 1] * (frame[1, 0] * frame[2, 2] - frame[1, 2] * frame[2, 0])
+               + frame[0, 2] * (frame[1, 0] * frame[2, 1] - frame[1, 1] * frame[2, 0]))
+        lengths = 1.0
+        for k in range(3):
+            lengths *= _row_norm(frame, k)
+        if abs(det) <= _SINGULAR_TOL * lengths:
+            return _SINGULAR_CELL
+    return _OK
 
 
 @njit(cache=True)
-def _bin_grid(heights, cutoff, n_atoms):
-    """Bins per direction ``nb`` (3,) int64 and search reach ``reach`` (3,) int64 for cell heights (3,) in Å.
+def _bin_grid(heights, cutoff, n_atoms, nb, reach):
+    """Fill bins per direction ``nb`` (3,) and search reach ``reach`` (3,) for cell heights (3,) in Å.
 
     Bin width targets ``cutoff * BIN_FRACTION`` and is widened until there are at most ``MAX_BINS_PER_ATOM`` bins per
     atom. ``reach[k] = ceil(cutoff / (heights[k] / nb[k]))`` bins must be searched on either side.
     """
     max_bins = max(MAX_BINS_PER_ATOM * n_atoms, 1.0)
     width = cutoff * BIN_FRACTION
-    nb = np.ones(3, np.int64)
     while True:
         total = 1.0
         for k in range(3):
-            nb_k = math.floor(heights[k] / width)
-            nb_k = min(max(nb_k, 1.0), max_bins)
+            nb_k = min(max(math.floor(heights[k] / width), 1.0), max_bins)
             nb[k] = np.int64(nb_k)
             total *= nb_k
         if total <= max_bins:
             break
         width *= max(1.05, (total / max_bins) ** (1.0 / 3.0))
-    reach = np.zeros(3, np.int64)
     for k in range(3):
+        reach[k] = 0
         if heights[k] > 0.0:
             reach[k] = np.int64(math.ceil(cutoff * nb[k] / heights[k]))
-    return nb, reach
 
 
 @njit(cache=True)
-def _insertion_sort(keys, n):
-    """Sort ``keys[:n]`` (int64) in place; fast for the short, nearly sorted rows of a neighbour list."""
-    for a in range(1, n):
+def _fractional(pos, cell, pbc, frame, frac, wrap, wrapped):
+    """Fractional coordinates in the binning frame, wrapped into [0, 1) along periodic directions.
+
+    pos (n,3) Å in; frac (n,3) out: periodic directions wrapped, non-periodic ones rescaled to [0, 1] over the
+    bounding box; wrap (n,3) int64 out: integer cells subtracted; wrapped (n,3) Å out: ``pos - wrap @ cell``.
+    Returns (heights (3,) Å of the binned region along each direction, det(frame), status).
+    """
+    n = pos.shape[0]
+    inv = np.empty((3, 3))
+    det = _inverse3(frame, inv)
+    heights = np.empty(3)
+    for k in range(3):
+        heights[k] = 1.0 / math.sqrt(inv[0, k] * inv[0, k] + inv[1, k] * inv[1, k] + inv[2, k] * inv[2, k])
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    for a in range(n):
+        x = pos[a, 0]
+        y = pos[a, 1]
+        z = pos[a, 2]
+        if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
+            return heights, det, _NONFINITE_POSITIONS
+        for k in range(3):
+            f = x * inv[0, k] + y * inv[1, k] + z * inv[2, k]
+            if pbc[k]:
+                fl = math.floor(f)
+                wrap[a, k] = np.int64(fl)
+                f -= fl
+            else:
+                wrap[a, k] = 0
+                lo[k] = min(lo[k], f)
+                hi[k] = max(hi[k], f)
+            frac[a, k] = f
+        for c in range(3):
+            wrapped[a, c] = pos[a, c] - wrap[a, 0] * cell[0, c] - wrap[a, 1] * cell[1, c] - wrap[a, 2] * cell[2, c]
+    for k in range(3):
+        if not pbc[k]:
+            span = hi[k] - lo[k]
+            scale = 1.0 / span if span > 0.0 else 0.0
+            for a in range(n):
+                frac[a, k] = (frac[a, k] - lo[k]) * scale
+            heights[k] *= span
+    return heights, det, _OK
+
+
+@njit(cache=True)
+def _sort_into_bins(frac, wrapped, nb, atom_bin, bin_start, sorted_pos, sorted_idx):
+    """Counting sort of the atoms by bin (stable).
+
+    frac (n,3) in [0,1]; nb (3,) bins. Out: atom_bin (n,3) bin coordinates, bin_start (n_bins+1,) offsets,
+    sorted_pos (n,3) wrapped positions in bin order, sorted_idx (n,) their atom indices.
+    """
+    n = frac.shape[0]
+    flat = np.empty(n, np.int64)
+    for b in range(bin_start.shape[0]):
+        bin_start[b] = 0
+    for a in range(n):
+        for k in range(3):
+            c = np.int64(frac[a, k] * nb[k])
+            atom_bin[a, k] = min(max(c, 0), nb[k] - 1)
+        flat[a] = (atom_bin[a, 0] * nb[1] + atom_bin[a, 1]) * nb[2] + atom_bin[a, 2]
+        bin_start[flat[a] + 1] += 1
+    for b in range(bin_start.shape[0] - 1):
+        bin_start[b + 1] += bin_start[b]
+    fill = bin_start.copy()
+    for a in range(n):
+        slot = fill[flat[a]]
+        fill[flat[a]] += 1
+        sorted_idx[slot] = a
+        for c in range(3):
+            sorted_pos[slot, c] = wrapped[a, c]
+
+
+@njit(cache=True)
+def _image_tables(nb, reach, pbc):
+    """Neighbour-bin lookup: for bin b + offset d (t = b + d + reach[k]) along direction k, the bin inside the cell
+    ``tab_bin[k, t]`` and the periodic image ``tab_img[k, t]``. Returns (tab_bin, tab_img, largest |image|)."""
+    width = 0
+    for k in range(3):
+        width = max(width, nb[k] + 2 * reach[k])
+    tab_bin = np.zeros((3, width), np.int64)
+    tab_img = np.zeros((3, width), np.int64)
+    img_max = 0
+    for k in range(3):
+        for t in range(nb[k] + 2 * reach[k]):
+            u = t - reach[k]
+            if pbc[k]:
+                q = u // nb[k]
+                tab_bin[k, t] = u - q * nb[k]
+                tab_img[k, t] = q
+                img_max = max(img_max, abs(q))
+            else:
+                tab_bin[k, t] = u  # only used inside [0, nb)
+    return tab_bin, tab_img, img_max
+
+
+@njit(cache=True)
+def _insertion_sort(keys, lo, hi):
+    """Sort ``keys[lo:hi]`` (int64) in place."""
+    for a in range(lo + 1, hi):
         key = keys[a]
         b = a - 1
-        while b >= 0 and keys[b] > key:
+        while b >= lo and keys[b] > key:
             keys[b + 1] = keys[b]
             b -= 1
         keys[b + 1] = key
 
 
 @njit(cache=True)
-def _grow_int(arr, new_len):
-    """Copy of 1-d int64 ``arr`` with length ``new_len`` (>= len(arr))."""
-    out = np.empty(new_len, np.int64)
-    out[: arr.shape[0]] = arr
+def _sort_keys(keys, n, scratch):
+    """Sort ``keys[:n]`` in place: insertion sort of runs of 16, then bottom-up merges through ``scratch`` (>= n)."""
+    run = 16
+    for lo in range(0, n, run):
+        _insertion_sort(keys, lo, min(lo + run, n))
+    src = keys
+    dst = scratch
+    width = run
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid = min(lo + width, n)
+            hi = min(lo + 2 * width, n)
+            a = lo
+            b = mid
+            for out in range(lo, hi):
+                if b >= hi or (a < mid and src[a] <= src[b]):
+                    dst[out] = src[a]
+                    a += 1
+                else:
+                    dst[out] = src[b]
+                    b += 1
+        src, dst = dst, src
+        width *= 2
+    if src is not keys:
+        for a in range(n):
+            keys[a] = src[a]
+
+
+@njit(cache=True)
+def _grow(arr, new_len):
+    """Copy of int64 ``arr`` (n,) or (n, 3) with ``new_len`` rows (>= n)."""
+    out = np.empty((new_len,) + arr.shape[1:], np.int64)
+    flat_in = arr.reshape(-1)
+    flat_out = out.reshape(-1)
+    for a in range(flat_in.shape[0]):
+        flat_out[a] = flat_in[a]
     return out
 
 
 @njit(cache=True)
-def _grow_int2(arr, new_len):
-    """Copy of 2-d int64 ``arr`` (n,3) with ``new_len`` rows (>= n)."""
-    out = np.empty((new_len, 3), np.int64)
-    out[: arr.shape[0]] = arr
-    return out
+def _row_keys(i, xi, yi, zi, bi, cell, pbc, nb, reach, tab_bin, tab_img, img_max, bits, bin_start, sorted_pos,
+              sorted_idx, rc2, self_interaction, keys):
+    """Neighbours of atom ``i`` (wrapped position xi, yi, zi in bin coordinates ``bi`` (3,)), as int64 keys
+    ``j << 3*bits | image code`` in ``keys`` (grown if needed). Returns (keys, count)."""
+    count = 0
+    zero_code = (img_max << (2 * bits)) | (img_max << bits) | img_max
+    b0 = bi[0]
+    b1 = bi[1]
+    b2 = bi[2]
+    lo0 = -reach[0] if pbc[0] else max(-reach[0], -b0)
+    hi0 = reach[0] if pbc[0] else min(reach[0], nb[0] - 1 - b0)
+    lo1 = -reach[1] if pbc[1] else max(-reach[1], -b1)
+    hi1 = reach[1] if pbc[1] else min(reach[1], nb[1] - 1 - b1)
+    lo2 = -reach[2] if pbc[2] else max(-reach[2], -b2)
+    hi2 = reach[2] if pbc[2] else min(reach[2], nb[2] - 1 - b2)
+    for d0 in range(lo0, hi0 + 1):
+        t0 = b0 + d0 + reach[0]
+        m0 = tab_bin[0, t0]
+        g0 = tab_img[0, t0]
+        for d1 in range(lo1, hi1 + 1):
+            t1 = b1 + d1 + reach[1]
+            m01 = m0 * nb[1] + tab_bin[1, t1]
+            g1 = tab_img[1, t1]
+            for d2 in range(lo2, hi2 + 1):
+                t2 = b2 + d2 + reach[2]
+                m = m01 * nb[2] + tab_bin[2, t2]
+                start = bin_start[m]
+                stop = bin_start[m + 1]
+                if start == stop:
+                    continue
+                g2 = tab_img[2, t2]
+                # q = p_i - image @ cell, so that the pair vector is p_j - q
+                qx = xi - g0 * cell[0, 0] - g1 * cell[1, 0] - g2 * cell[2, 0]
+                qy = yi - g0 * cell[0, 1] - g1 * cell[1, 1] - g2 * cell[2, 1]
+                qz = zi - g0 * cell[0, 2] - g1 * cell[1, 2] - g2 * cell[2, 2]
+                code = ((g0 + img_max) << (2 * bits)) | ((g1 + img_max) << bits) | (g2 + img_max)
+                for s in range(start, stop):
+                    ex = sorted_pos[s, 0] - qx
+                    ey = sorted_pos[s, 1] - qy
+                    ez = sorted_pos[s, 2] - qz
+                    if ex * ex + ey * ey + ez * ez < rc2:
+                        j = sorted_idx[s]
+                        if j == i and code == zero_code and not self_interaction:
+                            continue
+                        if count == keys.shape[0]:
+                            keys = _grow(keys, 2 * count)
+                        keys[count] = (j << (3 * bits)) | code
+                        count += 1
+    return keys, count
 
 
 @njit(cache=True)
@@ -227,170 +398,67 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
     n = pos.shape[0]
     if n == 0:
         return out_i, out_j, out_s, n_out, _OK
-    for a in range(n):
-        for c in range(3):
-            if not math.isfinite(pos[a, c]):
-                return out_i, out_j, out_s, n_out, _NONFINITE_POSITIONS
-    frame, status = _binning_frame(cell, pbc)
+    frame = np.empty((3, 3))
+    status = _binning_frame(cell, pbc, frame)
     if status != _OK:
         return out_i, out_j, out_s, n_out, status
-    inv, det = _inverse3(frame)
+    frac = np.empty((n, 3))
+    wrap = np.empty((n, 3), np.int64)
+    wrapped = np.empty((n, 3))
+    heights, det, status = _fractional(pos, cell, pbc, frame, frac, wrap, wrapped)
+    if status != _OK:
+        return out_i, out_j, out_s, n_out, status
 
-    # fractional coordinates, wrapping along periodic directions
-    frac = pos @ inv  # (n,3)
-    wrap = np.zeros((n, 3), np.int64)
-    heights = np.empty(3)
-    for k in range(3):
-        h = 1.0 / math.sqrt(inv[0, k] ** 2 + inv[1, k] ** 2 + inv[2, k] ** 2)
-        if pbc[k]:
-            for a in range(n):
-                fl = math.floor(frac[a, k])
-                wrap[a, k] = np.int64(fl)
-                frac[a, k] -= fl
-            heights[k] = h
-        else:
-            lo = frac[:, k].min()
-            span = frac[:, k].max() - lo
-            scale = 1.0 / span if span > 0.0 else 0.0
-            for a in range(n):
-                frac[a, k] = (frac[a, k] - lo) * scale
-            heights[k] = span * h
-
-    nb, reach = _bin_grid(heights, cutoff, n)
+    nb = np.empty(3, np.int64)
+    reach = np.empty(3, np.int64)
+    _bin_grid(heights, cutoff, n, nb, reach)
     for k in range(3):
         if not pbc[k]:
             reach[k] = min(reach[k], nb[k] - 1)
     if (2.0 * reach[0] + 1.0) * (2.0 * reach[1] + 1.0) * (2.0 * reach[2] + 1.0) > MAX_IMAGE_BOXES:
         return out_i, out_j, out_s, n_out, _TOO_MANY_IMAGES
 
-    # bin index of every atom, counting sort by bin, wrapped Cartesian coordinates in bin order
-    n_bins = nb[0] * nb[1] * nb[2]
     atom_bin = np.empty((n, 3), np.int64)
-    bin_of = np.empty(n, np.int64)
-    bin_start = np.zeros(n_bins + 1, np.int64)
-    for a in range(n):
-        for k in range(3):
-            c = np.int64(frac[a, k] * nb[k])
-            atom_bin[a, k] = min(max(c, 0), nb[k] - 1)
-        b = (atom_bin[a, 0] * nb[1] + atom_bin[a, 1]) * nb[2] + atom_bin[a, 2]
-        bin_of[a] = b
-        bin_start[b + 1] += 1
-    for b in range(n_bins):
-        bin_start[b + 1] += bin_start[b]
-    fill = bin_start[:-1].copy()
-    px = np.empty(n)  # wrapped positions, original order
-    py = np.empty(n)
-    pz = np.empty(n)
-    sx = np.empty(n)  # wrapped positions, bin order
-    sy = np.empty(n)
-    sz = np.empty(n)
-    s_idx = np.empty(n, np.int64)
-    for a in range(n):
-        x = pos[a, 0] - wrap[a, 0] * cell[0, 0] - wrap[a, 1] * cell[1, 0] - wrap[a, 2] * cell[2, 0]
-        y = pos[a, 1] - wrap[a, 0] * cell[0, 1] - wrap[a, 1] * cell[1, 1] - wrap[a, 2] * cell[2, 1]
-        z = pos[a, 2] - wrap[a, 0] * cell[0, 2] - wrap[a, 1] * cell[1, 2] - wrap[a, 2] * cell[2, 2]
-        px[a] = x
-        py[a] = y
-        pz[a] = z
-        slot = fill[bin_of[a]]
-        fill[bin_of[a]] += 1
-        sx[slot] = x
-        sy[slot] = y
-        sz[slot] = z
-        s_idx[slot] = a
+    bin_start = np.empty(nb[0] * nb[1] * nb[2] + 1, np.int64)
+    sorted_pos = np.empty((n, 3))
+    sorted_idx = np.empty(n, np.int64)
+    _sort_into_bins(frac, wrapped, nb, atom_bin, bin_start, sorted_pos, sorted_idx)
+    tab_bin, tab_img, img_max = _image_tables(nb, reach, pbc)
 
-    # per-direction tables: neighbour bin t = b + d (d in -reach..reach) -> wrapped bin and periodic image
-    tab_bin = np.empty((3, np.max(nb) + 2 * np.max(reach)), np.int64)
-    tab_img = np.zeros((3, np.max(nb) + 2 * np.max(reach)), np.int64)
-    img_max = 0
-    for k in range(3):
-        for t in range(nb[k] + 2 * reach[k]):
-            u = t - reach[k]
-            if pbc[k]:
-                q = u // nb[k]
-                tab_bin[k, t] = u - q * nb[k]
-                tab_img[k, t] = q
-                img_max = max(img_max, abs(q))
-            else:
-                tab_bin[k, t] = u  # only used inside [0, nb)
-    # key = (j << 3*bits) | image code; image components stored with an offset of img_max
+    # key = j << 3*bits | image code, image components offset by img_max to be >= 0
     bits = 1
     while (1 << bits) < 2 * img_max + 1:
         bits += 1
-    if n + offset >= (1 << (62 - 3 * bits)):
+    if n >= (1 << (62 - 3 * bits)):
         return out_i, out_j, out_s, n_out, _KEY_OVERFLOW
     mask = (1 << bits) - 1
-    zero_code = (img_max << (2 * bits)) | (img_max << bits) | img_max
 
-    # expected number of pairs (periodic bulk estimate) to size the output once
+    # expected number of pairs (bulk estimate), to size the output once
     if pbc[0] and pbc[1] and pbc[2]:
         expect = np.int64(1.15 * n * n / abs(det) * 4.1888 * cutoff ** 3) + n
     else:
         expect = 16 * n
     if n_out + expect > out_j.shape[0]:
         cap = max(n_out + expect, 2 * out_j.shape[0])
-        out_i = _grow_int(out_i, cap)
-        out_j = _grow_int(out_j, cap)
-        out_s = _grow_int2(out_s, cap)
+        out_i = _grow(out_i, cap)
+        out_j = _grow(out_j, cap)
+        out_s = _grow(out_s, cap)
 
     rc2 = cutoff * cutoff
     keys = np.empty(max(64, 2 * expect // n), np.int64)
     for i in range(n):
-        count = 0
-        xi = px[i]
-        yi = py[i]
-        zi = pz[i]
-        b0 = atom_bin[i, 0]
-        b1 = atom_bin[i, 1]
-        b2 = atom_bin[i, 2]
-        lo0 = -reach[0] if pbc[0] else max(-reach[0], -b0)
-        hi0 = reach[0] if pbc[0] else min(reach[0], nb[0] - 1 - b0)
-        lo1 = -reach[1] if pbc[1] else max(-reach[1], -b1)
-        hi1 = reach[1] if pbc[1] else min(reach[1], nb[1] - 1 - b1)
-        lo2 = -reach[2] if pbc[2] else max(-reach[2], -b2)
-        hi2 = reach[2] if pbc[2] else min(reach[2], nb[2] - 1 - b2)
-        for d0 in range(lo0, hi0 + 1):
-            t0 = b0 + d0 + reach[0]
-            m0 = tab_bin[0, t0]
-            g0 = tab_img[0, t0]
-            for d1 in range(lo1, hi1 + 1):
-                t1 = b1 + d1 + reach[1]
-                m01 = m0 * nb[1] + tab_bin[1, t1]
-                g1 = tab_img[1, t1]
-                for d2 in range(lo2, hi2 + 1):
-                    t2 = b2 + d2 + reach[2]
-                    m = m01 * nb[2] + tab_bin[2, t2]
-                    start = bin_start[m]
-                    stop = bin_start[m + 1]
-                    if start == stop:
-                        continue
-                    g2 = tab_img[2, t2]
-                    # q = p_i - img @ cell; pair vector = p_j - q
-                    qx = xi - g0 * cell[0, 0] - g1 * cell[1, 0] - g2 * cell[2, 0]
-                    qy = yi - g0 * cell[0, 1] - g1 * cell[1, 1] - g2 * cell[2, 1]
-                    qz = zi - g0 * cell[0, 2] - g1 * cell[1, 2] - g2 * cell[2, 2]
-                    code = ((g0 + img_max) << (2 * bits)) | ((g1 + img_max) << bits) | (g2 + img_max)
-                    for s in range(start, stop):
-                        ex = sx[s] - qx
-                        ey = sy[s] - qy
-                        ez = sz[s] - qz
-                        if ex * ex + ey * ey + ez * ez < rc2:
-                            j = s_idx[s]
-                            if j == i and code == zero_code and not self_interaction:
-                                continue
-                            if count == keys.shape[0]:
-                                keys = _grow_int(keys, 2 * count)
-                            keys[count] = (j << (3 * bits)) | code
-                            count += 1
-        if count <= 32:
-            _insertion_sort(keys, count)
-        else:
-            keys[:count].sort()
+        keys, count = _row_keys(i, wrapped[i, 0], wrapped[i, 1], wrapped[i, 2], atom_bin[i], cell, pbc, nb, reach,
+                                tab_bin, tab_img, img_max, bits, bin_start, sorted_pos, sorted_idx, rc2,
+                                self_interaction, keys)
+        if count > 1:
+            scratch = np.empty(count, np.int64) if count > 16 else keys
+            _sort_keys(keys, count, scratch)
         if n_out + count > out_j.shape[0]:
             cap = max(n_out + count, 2 * out_j.shape[0])
-            out_i = _grow_int(out_i, cap)
-            out_j = _grow_int(out_j, cap)
-            out_s = _grow_int2(out_s, cap)
+            out_i = _grow(out_i, cap)
+            out_j = _grow(out_j, cap)
+            out_s = _grow(out_s, cap)
+        # S = image + wrap_i - wrap_j
         w0 = wrap[i, 0] - img_max
         w1 = wrap[i, 1] - img_max
         w2 = wrap[i, 2] - img_max
@@ -419,7 +487,7 @@ def _batched_pairs(positions, cells, pbcs, ptr, cutoff, self_interaction):
     out_i = np.empty(cap, np.int64)
     out_j = np.empty(cap, np.int64)
     out_s = np.empty((cap, 3), np.int64)
-    n_out = 0
+    n_out = ptr[0]  # == 0; not a literal, so the callee is compiled once
     for b in range(n_struct):
         before = n_out
         out_i, out_j, out_s, n_out, status = _structure_pairs(
@@ -448,7 +516,8 @@ def _filter_pairs(positions, cell, i, j, s, cutoff):
             d = positions[b, c] - positions[a, c] + s[p, 0] * cell[0, c] + s[p, 1] * cell[1, c] + s[p, 2] * cell[2, c]
             d2 += d * d
         keep[p] = d2 < rc2
-        count += keep[p]
+        if keep[p]:
+            count += 1
     out_i = np.empty(count, np.int64)
     out_j = np.empty(count, np.int64)
     out_s = np.empty((count, 3), np.int64)
@@ -457,7 +526,8 @@ def _filter_pairs(positions, cell, i, j, s, cutoff):
         if keep[p]:
             out_i[q] = i[p]
             out_j[q] = j[p]
-            out_s[q] = s[p]
+            for c in range(3):
+                out_s[q, c] = s[p, c]
             q += 1
     return out_i, out_j, out_s
 
@@ -495,8 +565,13 @@ def _check_cutoff(cutoff) -> float:
     return cutoff
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    """``a`` itself, or a copy when it is read-only (one compiled kernel signature instead of two)."""
+    return a if a.flags.writeable else a.copy()
+
+
 def _as_positions(positions) -> np.ndarray:
-    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    positions = _writable(np.ascontiguousarray(positions, dtype=np.float64))
     if positions.ndim != 2 or positions.shape[1] != 3:
         if positions.size == 0:
             return np.zeros((0, 3))
@@ -515,12 +590,12 @@ def _as_pbc(pbc, n_struct=None) -> np.ndarray:
             return np.full(3, bool(pbc))
         if pbc.shape != (3,):
             raise ValueError(f"pbc must be a bool or have shape (3,), got shape {pbc.shape}")
-        return np.ascontiguousarray(pbc)
+        return _writable(np.ascontiguousarray(pbc))
     if pbc.shape == () or pbc.shape == (3,):
-        return np.ascontiguousarray(np.broadcast_to(pbc, (n_struct, 3)))
+        return np.array(np.broadcast_to(pbc, (n_struct, 3)))
     if pbc.shape != (n_struct, 3):
         raise ValueError(f"pbc must have shape (3,) or ({n_struct}, 3), got {pbc.shape}")
-    return np.ascontiguousarray(pbc)
+    return _writable(np.ascontiguousarray(pbc))
 
 
 def _raise(status, structure=None):
@@ -545,7 +620,7 @@ def neighbor_list(positions, cell, pbc, cutoff, self_interaction=False):
     both directions, sorted by (i, j, S) lexicographically (identical to ASE ``neighbor_list("ijS")`` as a set).
     """
     positions = _as_positions(positions)
-    cell = np.ascontiguousarray(cell, dtype=np.float64)
+    cell = _writable(np.ascontiguousarray(cell, dtype=np.float64))
     if cell.shape != (3, 3):
         raise ValueError(f"cell must have shape (3, 3), got {cell.shape}")
     pbc = _as_pbc(pbc)
@@ -585,11 +660,11 @@ def batched_neighbor_list(positions, cells, pbc, ptr=None, cutoff=None, self_int
         ptr[1:] = np.cumsum([len(p) for p in blocks])
         positions = np.concatenate(blocks) if blocks else np.zeros((0, 3))
     positions = _as_positions(positions)
-    ptr = np.ascontiguousarray(ptr, dtype=np.int64)
+    ptr = _writable(np.ascontiguousarray(ptr, dtype=np.int64))
     if ptr.ndim != 1 or len(ptr) < 1 or ptr[0] != 0 or ptr[-1] != len(positions) or (np.diff(ptr) < 0).any():
         raise ValueError(f"ptr must be non-decreasing offsets from 0 to n_atoms={len(positions)}, got {ptr}")
     n_struct = len(ptr) - 1
-    cells = np.ascontiguousarray(cells, dtype=np.float64)
+    cells = _writable(np.ascontiguousarray(cells, dtype=np.float64))
     if cells.shape != (n_struct, 3, 3):
         raise ValueError(f"cells must have shape ({n_struct}, 3, 3), got {cells.shape}")
     pbc = _as_pbc(pbc, n_struct)
@@ -632,7 +707,7 @@ class VerletNeighborList:
     def update(self, positions, cell, pbc):
         """Pairs (i, j, S) within ``cutoff`` for positions (n,3) Å, cell (3,3) Å, pbc (3,) bool."""
         positions = _as_positions(positions)
-        cell = np.ascontiguousarray(cell, dtype=np.float64)
+        cell = _writable(np.ascontiguousarray(cell, dtype=np.float64))
         pbc = _as_pbc(pbc)
         if self._needs_rebuild(positions, cell, pbc):
             self._pairs = neighbor_list(positions, cell, pbc, self.cutoff + self.skin)
