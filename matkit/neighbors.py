@@ -325,66 +325,85 @@ def _sort_keys(keys, n, scratch):
 
 
 @njit(cache=True)
-def _grow(arr, new_len):
-    """Copy of int64 ``arr`` (n,) or (n, 3) with ``new_len`` rows (>= n)."""
+def _grow(arr, new_len, n_used):
+    """New int64 array like ``arr`` ((n,) or (n, 3)) with ``new_len`` rows; its first ``n_used`` rows copied."""
     out = np.empty((new_len,) + arr.shape[1:], np.int64)
     flat_in = arr.reshape(-1)
     flat_out = out.reshape(-1)
-    for a in range(flat_in.shape[0]):
+    for a in range(n_used * (flat_in.shape[0] // max(arr.shape[0], 1))):
         flat_out[a] = flat_in[a]
     return out
 
 
 @njit(cache=True)
-def _row_keys(i, xi, yi, zi, bi, cell, pbc, nb, reach, tab_bin, tab_img, img_max, bits, bin_start, sorted_pos,
-              sorted_idx, rc2, self_interaction, keys):
-    """Neighbours of atom ``i`` (wrapped position xi, yi, zi in bin coordinates ``bi`` (3,)), as int64 keys
-    ``j << 3*bits | image code`` in ``keys`` (grown if needed). Returns (keys, count)."""
+def _row_keys(xi, yi, zi, b0, b1, b2, cell, pbc, nb, reach, tab_bin, tab_img, img_max, bits, bin_start, sorted_pos,
+              sorted_key, rc2_lo, rc2_hi, keys):
+    """Neighbours of one atom (wrapped position xi, yi, zi Å; bin coordinates b0, b1, b2) as int64 keys
+    ``j << (3*bits+1) | image code << 1 | borderline`` written to ``keys``. Hits are candidates with
+    squared distance < rc2_hi; ``borderline`` (bit 0) marks those >= rc2_lo, to be re-tested exactly by the caller.
+    The self pair (j = i, image 0) is included.
+
+    Bins are linear in direction 2, so for every (d0, d1) the bins b2 - reach .. b2 + reach form at most a few
+    contiguous runs of atoms (one per periodic image along direction 2), each scanned in one loop. The hit test is
+    branch-free: every candidate is written and the count advances only for hits. Returns the number of keys, or -1
+    when ``keys`` is too short (the caller grows it and calls again; no allocation in here keeps the loop tight).
+    """
     count = 0
-    zero_code = (img_max << (2 * bits)) | (img_max << bits) | img_max
-    b0 = bi[0]
-    b1 = bi[1]
-    b2 = bi[2]
     lo0 = -reach[0] if pbc[0] else max(-reach[0], -b0)
     hi0 = reach[0] if pbc[0] else min(reach[0], nb[0] - 1 - b0)
     lo1 = -reach[1] if pbc[1] else max(-reach[1], -b1)
     hi1 = reach[1] if pbc[1] else min(reach[1], nb[1] - 1 - b1)
-    lo2 = -reach[2] if pbc[2] else max(-reach[2], -b2)
-    hi2 = reach[2] if pbc[2] else min(reach[2], nb[2] - 1 - b2)
+    u_first = b2 - reach[2] if pbc[2] else max(b2 - reach[2], 0)
+    u_last = b2 + reach[2] if pbc[2] else min(b2 + reach[2], nb[2] - 1)
+    nb1 = nb[1]
+    nb2 = nb[2]
     for d0 in range(lo0, hi0 + 1):
         t0 = b0 + d0 + reach[0]
         m0 = tab_bin[0, t0]
         g0 = tab_img[0, t0]
         for d1 in range(lo1, hi1 + 1):
             t1 = b1 + d1 + reach[1]
-            m01 = m0 * nb[1] + tab_bin[1, t1]
+            column = (m0 * nb1 + tab_bin[1, t1]) * nb2
             g1 = tab_img[1, t1]
-            for d2 in range(lo2, hi2 + 1):
-                t2 = b2 + d2 + reach[2]
-                m = m01 * nb[2] + tab_bin[2, t2]
-                start = bin_start[m]
-                stop = bin_start[m + 1]
+            px = xi - g0 * cell[0, 0] - g1 * cell[1, 0]
+            py = yi - g0 * cell[0, 1] - g1 * cell[1, 1]
+            pz = zi - g0 * cell[0, 2] - g1 * cell[1, 2]
+            code01 = ((g0 + img_max) << (2 * bits + 1)) | ((g1 + img_max) << (bits + 1))
+            u = u_first
+            while u <= u_last:
+                # run of bins u .. run_end (unwrapped indices) sharing the periodic image g2 along direction 2
+                g2 = tab_img[2, u + reach[2]]
+                run_end = min(u_last, (g2 + 1) * nb2 - 1) if pbc[2] else u_last
+                start = bin_start[column + u - g2 * nb2]
+                stop = bin_start[column + run_end - g2 * nb2 + 1]
+                u = run_end + 1
                 if start == stop:
                     continue
-                g2 = tab_img[2, t2]
+                if count + (stop - start) > keys.shape[0]:
+                    return -1
                 # q = p_i - image @ cell, so that the pair vector is p_j - q
-                qx = xi - g0 * cell[0, 0] - g1 * cell[1, 0] - g2 * cell[2, 0]
-                qy = yi - g0 * cell[0, 1] - g1 * cell[1, 1] - g2 * cell[2, 1]
-                qz = zi - g0 * cell[0, 2] - g1 * cell[1, 2] - g2 * cell[2, 2]
-                code = ((g0 + img_max) << (2 * bits)) | ((g1 + img_max) << bits) | (g2 + img_max)
+                qx = px - g2 * cell[2, 0]
+                qy = py - g2 * cell[2, 1]
+                qz = pz - g2 * cell[2, 2]
+                code = code01 | ((g2 + img_max) << 1)
                 for s in range(start, stop):
                     ex = sorted_pos[s, 0] - qx
                     ey = sorted_pos[s, 1] - qy
                     ez = sorted_pos[s, 2] - qz
-                    if ex * ex + ey * ey + ez * ez < rc2:
-                        j = sorted_idx[s]
-                        if j == i and code == zero_code and not self_interaction:
-                            continue
-                        if count == keys.shape[0]:
-                            keys = _grow(keys, 2 * count)
-                        keys[count] = (j << (3 * bits)) | code
-                        count += 1
-    return keys, count
+                    d2 = ex * ex + ey * ey + ez * ez
+                    keys[count] = sorted_key[s] | code | np.int64(d2 >= rc2_lo)
+                    count += np.int64(d2 < rc2_hi)
+    return count
+
+
+@njit(cache=True)
+def _within(pos, cell, i, j, s0, s1, s2, cutoff):
+    """Exact test ``|pos[j] - pos[i] + (s0, s1, s2) @ cell| < cutoff`` (pos (n,3), cell (3,3), Å)."""
+    d2 = 0.0
+    for c in range(3):
+        d = (pos[j, c] - pos[i, c]) + (s0 * cell[0, c] + s1 * cell[1, c] + s2 * cell[2, c])
+        d2 += d * d
+    return math.sqrt(d2) < cutoff
 
 
 @njit(cache=True)
@@ -425,11 +444,11 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
     _sort_into_bins(frac, wrapped, nb, atom_bin, bin_start, sorted_pos, sorted_idx)
     tab_bin, tab_img, img_max = _image_tables(nb, reach, pbc)
 
-    # key = j << 3*bits | image code, image components offset by img_max to be >= 0
+    # key = j << (3*bits+1) | image code << 1 | borderline flag; image components offset by img_max to be >= 0
     bits = 1
     while (1 << bits) < 2 * img_max + 1:
         bits += 1
-    if n >= (1 << (62 - 3 * bits)):
+    if n >= (1 << (61 - 3 * bits)):
         return out_i, out_j, out_s, n_out, _KEY_OVERFLOW
     mask = (1 << bits) - 1
 
@@ -440,36 +459,56 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
         expect = 16 * n
     if n_out + expect > out_j.shape[0]:
         cap = max(n_out + expect, 2 * out_j.shape[0])
-        out_i = _grow(out_i, cap)
-        out_j = _grow(out_j, cap)
-        out_s = _grow(out_s, cap)
+        out_i = _grow(out_i, cap, n_out)
+        out_j = _grow(out_j, cap, n_out)
+        out_s = _grow(out_s, cap, n_out)
 
-    rc2 = cutoff * cutoff
-    keys = np.empty(max(64, 2 * expect // n), np.int64)
+    # candidates within a relative 1e-10 of the cutoff are re-tested with the distance computed from the input
+    # positions exactly as |pos[j] - pos[i] + S @ cell| (as ASE does), so ties do not depend on the wrapping
+    rc2_lo = cutoff * cutoff * (1.0 - 1e-10)
+    rc2_hi = cutoff * cutoff * (1.0 + 1e-10)
+    shift = 3 * bits + 1
+    zero_code = (img_max << (2 * bits + 1)) | (img_max << (bits + 1)) | (img_max << 1)
+    sorted_key = np.empty(n, np.int64)
+    for s in range(n):
+        sorted_key[s] = sorted_idx[s] << shift
+    keys = np.empty(max(256, 4 * expect // n), np.int64)
+    scratch = np.empty(keys.shape[0], np.int64)
     for i in range(n):
-        keys, count = _row_keys(i, wrapped[i, 0], wrapped[i, 1], wrapped[i, 2], atom_bin[i], cell, pbc, nb, reach,
-                                tab_bin, tab_img, img_max, bits, bin_start, sorted_pos, sorted_idx, rc2,
-                                self_interaction, keys)
-        if count > 1:
-            scratch = np.empty(count, np.int64) if count > 16 else keys
-            _sort_keys(keys, count, scratch)
+        while True:
+            count = _row_keys(wrapped[i, 0], wrapped[i, 1], wrapped[i, 2], atom_bin[i, 0], atom_bin[i, 1],
+                              atom_bin[i, 2], cell, pbc, nb, reach, tab_bin, tab_img, img_max, bits, bin_start,
+                              sorted_pos, sorted_key, rc2_lo, rc2_hi, keys)
+            if count >= 0:
+                break
+            keys = np.empty(2 * keys.shape[0], np.int64)
+            scratch = np.empty(keys.shape[0], np.int64)
+        _sort_keys(keys, count, scratch)
         if n_out + count > out_j.shape[0]:
             cap = max(n_out + count, 2 * out_j.shape[0])
-            out_i = _grow(out_i, cap)
-            out_j = _grow(out_j, cap)
-            out_s = _grow(out_s, cap)
-        # S = image + wrap_i - wrap_j
+            out_i = _grow(out_i, cap, n_out)
+            out_j = _grow(out_j, cap, n_out)
+            out_s = _grow(out_s, cap, n_out)
+        # S = image + wrap_i - wrap_j; the self pair (key of j = i at image 0) only with self_interaction
+        self_key = -1 if self_interaction else (np.int64(i) << shift) | zero_code
         w0 = wrap[i, 0] - img_max
         w1 = wrap[i, 1] - img_max
         w2 = wrap[i, 2] - img_max
         for c in range(count):
             key = keys[c]
-            j = key >> (3 * bits)
+            if key == self_key:
+                continue
+            j = key >> shift
+            s0 = ((key >> (2 * bits + 1)) & mask) + w0 - wrap[j, 0]
+            s1 = ((key >> (bits + 1)) & mask) + w1 - wrap[j, 1]
+            s2 = ((key >> 1) & mask) + w2 - wrap[j, 2]
+            if key & 1 and not _within(pos, cell, i, j, s0, s1, s2, cutoff):
+                continue
             out_i[n_out] = i + offset
             out_j[n_out] = j + offset
-            out_s[n_out, 0] = ((key >> (2 * bits)) & mask) + w0 - wrap[j, 0]
-            out_s[n_out, 1] = ((key >> bits) & mask) + w1 - wrap[j, 1]
-            out_s[n_out, 2] = (key & mask) + w2 - wrap[j, 2]
+            out_s[n_out, 0] = s0
+            out_s[n_out, 1] = s1
+            out_s[n_out, 2] = s2
             n_out += 1
     return out_i, out_j, out_s, n_out, _OK
 
@@ -483,7 +522,7 @@ def _batched_pairs(positions, cells, pbcs, ptr, cutoff, self_interaction):
     """
     n_struct = ptr.shape[0] - 1
     counts = np.zeros(n_struct, np.int64)
-    cap = 16 * positions.shape[0] + 16
+    cap = 1024  # grown per structure from its expected pair count
     out_i = np.empty(cap, np.int64)
     out_j = np.empty(cap, np.int64)
     out_s = np.empty((cap, 3), np.int64)
@@ -503,19 +542,13 @@ def _batched_pairs(positions, cells, pbcs, ptr, cutoff, self_interaction):
 
 @njit(cache=True)
 def _filter_pairs(positions, cell, i, j, s, cutoff):
-    """Subset of pairs (i, j, s) with |positions[j] + s @ cell - positions[i]| < cutoff (order kept)."""
+    """Subset of pairs (i, j, s) with |positions[j] + s @ cell - positions[i]| < cutoff (order kept; same test as
+    the borderline re-test of the cell list, so a Verlet list agrees with a fresh list even for exact ties)."""
     n = i.shape[0]
     keep = np.empty(n, np.bool_)
     count = 0
-    rc2 = cutoff * cutoff
     for p in range(n):
-        a = i[p]
-        b = j[p]
-        d2 = 0.0
-        for c in range(3):
-            d = positions[b, c] - positions[a, c] + s[p, 0] * cell[0, c] + s[p, 1] * cell[1, c] + s[p, 2] * cell[2, c]
-            d2 += d * d
-        keep[p] = d2 < rc2
+        keep[p] = _within(positions, cell, i[p], j[p], s[p, 0], s[p, 1], s[p, 2], cutoff)
         if keep[p]:
             count += 1
     out_i = np.empty(count, np.int64)
