@@ -50,7 +50,7 @@ def random_case(rng):
         cutoff = 3.0 * np.abs(np.linalg.det(cell)) ** (1 / 3) * rng.uniform(0.5, 1.0)
     elif kind == 1:  # strongly skewed
         cell = random_cell(rng, 3.0)
-        n = int(rng.integers(1, 40))
+        n = int(rng.integers(1, 25))
         cutoff = rng.uniform(1.0, 7.0)
     elif kind == 2:  # many atoms, several bins per direction
         cell = random_cell(rng, 0.3) * 1.5
