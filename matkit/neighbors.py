@@ -53,8 +53,8 @@ from numba import njit
 
 __all__ = ["neighbor_list", "batched_neighbor_list", "VerletNeighborList", "compile_time"]
 
-BIN_FRACTION = 0.5
-"""Target bin width as a fraction of the cutoff (0.5: 5 bins per direction are searched)."""
+COLUMN_COST = 5.0
+"""Cost of visiting one column of bins, in units of one distance test (used to choose the bin grid)."""
 MAX_BINS_PER_ATOM = 2.0
 """Cap on the number of bins per atom (keeps memory O(N) for dilute cells and large open systems)."""
 MAX_IMAGE_BOXES = 50_000_000
@@ -164,14 +164,58 @@ def _binning_frame(cell, pbc, frame):
 
 
 @njit(cache=True)
-def _bin_grid(heights, cutoff, n_atoms, nb, reach):
-    """Fill bins per direction ``nb`` (3,) and search reach ``reach`` (3,) for cell heights (3,) in Å.
+def _reach(heights, pbc, cutoff, nb, reach):
+    """Bins to search on either side, ``reach`` (3,): ceil(cutoff / bin width), at most nb - 1 when not periodic."""
+    for k in range(3):
+        reach[k] = 0
+        if heights[k] > 0.0:
+            reach[k] = np.int64(math.ceil(cutoff * nb[k] / heights[k]))
+        if not pbc[k]:
+            reach[k] = min(reach[k], nb[k] - 1)
 
-    Bin width targets ``cutoff * BIN_FRACTION`` and is widened until there are at most ``MAX_BINS_PER_ATOM`` bins per
-    atom. ``reach[k] = ceil(cutoff / (heights[k] / nb[k]))`` bins must be searched on either side.
+
+@njit(cache=True)
+def _grid_cost(n_atoms, pbc, nb, reach):
+    """Modelled work per atom of a bin grid: distance tests + COLUMN_COST x columns of bins visited."""
+    n_bins = 1.0
+    offsets = np.empty(3)
+    for k in range(3):
+        n_bins *= nb[k]
+        offsets[k] = 2 * reach[k] + 1 if pbc[k] else min(2 * reach[k] + 1, nb[k])
+    return n_atoms / n_bins * offsets[0] * offsets[1] * offsets[2] + COLUMN_COST * offsets[0] * offsets[1]
+
+
+@njit(cache=True)
+def _bin_grid(heights, pbc, cutoff, n_atoms, nb, reach):
+    """Choose the bins per direction ``nb`` (3,) and search reach ``reach`` (3,) for region heights (3,) in Å.
+
+    Candidate grids have bins of width >= cutoff / m_k along direction k, m_k in 1..3 (reach ~ m_k). Among those with
+    at most MAX_BINS_PER_ATOM bins per atom the one with the lowest :func:`_grid_cost` is taken. When none qualifies
+    (dilute or very large open systems) the bin width is widened until the cap holds.
     """
-    max_bins = max(MAX_BINS_PER_ATOM * n_atoms, 1.0)
-    width = cutoff * BIN_FRACTION
+    max_bins = max(MAX_BINS_PER_ATOM * n_atoms, 8.0)
+    trial_nb = np.empty(3, np.int64)
+    trial_reach = np.empty(3, np.int64)
+    best = np.inf
+    for code in range(27):
+        total = 1.0
+        for k in range(3):
+            m = (code // 3 ** k) % 3 + 1
+            nb_k = min(max(math.floor(heights[k] * m / cutoff), 1.0), max_bins)
+            trial_nb[k] = np.int64(nb_k)
+            total *= nb_k
+        if total > max_bins:
+            continue
+        _reach(heights, pbc, cutoff, trial_nb, trial_reach)
+        cost = _grid_cost(n_atoms, pbc, trial_nb, trial_reach)
+        if cost < best:
+            best = cost
+            for k in range(3):
+                nb[k] = trial_nb[k]
+                reach[k] = trial_reach[k]
+    if best < np.inf:
+        return
+    width = cutoff
     while True:
         total = 1.0
         for k in range(3):
@@ -181,10 +225,7 @@ def _bin_grid(heights, cutoff, n_atoms, nb, reach):
         if total <= max_bins:
             break
         width *= max(1.05, (total / max_bins) ** (1.0 / 3.0))
-    for k in range(3):
-        reach[k] = 0
-        if heights[k] > 0.0:
-            reach[k] = np.int64(math.ceil(cutoff * nb[k] / heights[k]))
+    _reach(heights, pbc, cutoff, nb, reach)
 
 
 @njit(cache=True)
@@ -193,12 +234,14 @@ def _fractional(pos, cell, pbc, frame, frac, wrap, wrapped):
 
     pos (n,3) Å in; frac (n,3) out: periodic directions wrapped, non-periodic ones rescaled to [0, 1] over the
     bounding box; wrap (n,3) int64 out: integer cells subtracted; wrapped (n,3) Å out: ``pos - wrap @ cell``.
-    Returns (heights (3,) Å of the binned region along each direction, det(frame), status).
+    Returns (heights (3,) Å of the binned region along each direction, extent (3,) of the region in frame
+    coordinates (1 along periodic directions, the bounding-box span in Å otherwise), det(frame), status).
     """
     n = pos.shape[0]
     inv = np.empty((3, 3))
     det = _inverse3(frame, inv)
     heights = np.empty(3)
+    extent = np.ones(3)
     for k in range(3):
         heights[k] = 1.0 / math.sqrt(inv[0, k] * inv[0, k] + inv[1, k] * inv[1, k] + inv[2, k] * inv[2, k])
     lo = np.full(3, np.inf)
@@ -208,7 +251,7 @@ def _fractional(pos, cell, pbc, frame, frac, wrap, wrapped):
         y = pos[a, 1]
         z = pos[a, 2]
         if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(z)):
-            return heights, det, _NONFINITE_POSITIONS
+            return heights, extent, det, _NONFINITE_POSITIONS
         for k in range(3):
             f = x * inv[0, k] + y * inv[1, k] + z * inv[2, k]
             if pbc[k]:
@@ -229,15 +272,16 @@ def _fractional(pos, cell, pbc, frame, frac, wrap, wrapped):
             for a in range(n):
                 frac[a, k] = (frac[a, k] - lo[k]) * scale
             heights[k] *= span
-    return heights, det, _OK
+            extent[k] = span
+    return heights, extent, det, _OK
 
 
 @njit(cache=True)
 def _sort_into_bins(frac, wrapped, nb, atom_bin, bin_start, sorted_pos, sorted_idx):
     """Counting sort of the atoms by bin (stable).
 
-    frac (n,3) in [0,1]; nb (3,) bins. Out: atom_bin (n,3) bin coordinates, bin_start (n_bins+1,) offsets,
-    sorted_pos (n,3) wrapped positions in bin order, sorted_idx (n,) their atom indices.
+    frac (n,3) in [0,1]; nb (3,) bins. Out: atom_bin (n,3) bin coordinates, bin_start (n_bins+1,) offsets (bins
+    linear with direction 2 fastest), sorted_pos (n,3) wrapped positions in bin order, sorted_idx (n,) atom indices.
     """
     n = frac.shape[0]
     flat = np.empty(n, np.int64)
@@ -281,6 +325,94 @@ def _image_tables(nb, reach, pbc):
             else:
                 tab_bin[k, t] = u  # only used inside [0, nb)
     return tab_bin, tab_img, img_max
+
+
+@njit(cache=True)
+def _extend_columns(nb, reach, pbc, cell, bin_start, sorted_pos, sorted_idx, tab_bin, tab_img, img_max, bits):
+    """Bin columns along direction 2 extended by ``reach[2]`` bins on both sides with periodic images.
+
+    Column (m0, m1) gets ``nb[2] + 2 reach[2]`` slots; slot t holds the atoms of bin ``t - reach[2]`` (wrapped, the
+    positions shifted by the image along direction 2; empty outside the cell when not periodic). Then the bins
+    b2 - reach .. b2 + reach around any atom are one contiguous run. Returns (ext_start (n_slots+1,),
+    ext_pos (n_ext,3) Å, ext_key (n_ext,) = j << (3*bits+1) | (image_2 + img_max) << 1).
+    """
+    slots = nb[2] + 2 * reach[2]
+    n_cols = nb[0] * nb[1]
+    ext_start = np.zeros(n_cols * slots + 1, np.int64)
+    for col in range(n_cols):
+        for t in range(slots):
+            u = t - reach[2]
+            if pbc[2] or (0 <= u < nb[2]):
+                b = col * nb[2] + tab_bin[2, t]
+                ext_start[col * slots + t + 1] = bin_start[b + 1] - bin_start[b]
+    for e in range(n_cols * slots):
+        ext_start[e + 1] += ext_start[e]
+    n_ext = ext_start[n_cols * slots]
+    ext_pos = np.empty((n_ext, 3))
+    ext_key = np.empty(n_ext, np.int64)
+    shift = 3 * bits + 1
+    for col in range(n_cols):
+        for t in range(slots):
+            e = ext_start[col * slots + t]
+            if ext_start[col * slots + t + 1] == e:
+                continue
+            g2 = tab_img[2, t]
+            b = col * nb[2] + tab_bin[2, t]
+            code = (g2 + img_max) << 1
+            for s in range(bin_start[b], bin_start[b + 1]):
+                for c in range(3):
+                    ext_pos[e, c] = sorted_pos[s, c] + g2 * cell[2, c]
+                ext_key[e] = (sorted_idx[s] << shift) | code
+                e += 1
+    return ext_start, ext_pos, ext_key
+
+
+@njit(cache=True)
+def _edge_min(a, b, c, x, y_lo, y_hi):
+    """min over y in [y_lo, y_hi] of a x^2 + 2 b x y + c y^2 (c >= 0)."""
+    y = y_lo
+    if c > 0.0:
+        y = min(max(-b * x / c, y_lo), y_hi)
+    elif b * x < 0.0:
+        y = y_hi
+    return a * x * x + 2.0 * b * x * y + c * y * y
+
+
+@njit(cache=True)
+def _active_columns(frame, extent, nb, reach, pbc, cutoff):
+    """Column offsets (d0, d1) that can hold a neighbour: (n_cols,) int64 arrays d0, d1.
+
+    For bin offsets d0, d1 the pair displacement is x u + y v + z frame[2] with x in [d0-1, d0+1], y in [d1-1, d1+1]
+    (in bins) and u, v the bin edge vectors. Its length is at least the distance of x u' + y v' to the origin, with u',
+    v' the parts of u, v orthogonal to frame[2]; columns where the minimum of that quadratic over the box reaches the
+    cutoff are dropped.
+    """
+    e2 = frame[2] / math.sqrt(frame[2, 0] ** 2 + frame[2, 1] ** 2 + frame[2, 2] ** 2)
+    u = frame[0] * (extent[0] / nb[0])
+    v = frame[1] * (extent[1] / nb[1])
+    u = u - (u[0] * e2[0] + u[1] * e2[1] + u[2] * e2[2]) * e2
+    v = v - (v[0] * e2[0] + v[1] * e2[1] + v[2] * e2[2]) * e2
+    a = u[0] * u[0] + u[1] * u[1] + u[2] * u[2]
+    b = u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
+    c = v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
+    limit = cutoff * cutoff * (1.0 + 1e-8)
+    n_max = (2 * reach[0] + 1) * (2 * reach[1] + 1)
+    d0s = np.empty(n_max, np.int64)
+    d1s = np.empty(n_max, np.int64)
+    n_cols = 0
+    for d0 in range(-reach[0], reach[0] + 1):
+        for d1 in range(-reach[1], reach[1] + 1):
+            x_lo, x_hi, y_lo, y_hi = d0 - 1.0, d0 + 1.0, d1 - 1.0, d1 + 1.0
+            if x_lo <= 0.0 <= x_hi and y_lo <= 0.0 <= y_hi:
+                q = 0.0
+            else:
+                q = min(min(_edge_min(a, b, c, x_lo, y_lo, y_hi), _edge_min(a, b, c, x_hi, y_lo, y_hi)),
+                        min(_edge_min(c, b, a, y_lo, x_lo, x_hi), _edge_min(c, b, a, y_hi, x_lo, x_hi)))
+            if q < limit:
+                d0s[n_cols] = d0
+                d1s[n_cols] = d1
+                n_cols += 1
+    return d0s[:n_cols], d1s[:n_cols]
 
 
 @njit(cache=True)
@@ -336,63 +468,50 @@ def _grow(arr, new_len, n_used):
 
 
 @njit(cache=True)
-def _row_keys(xi, yi, zi, b0, b1, b2, cell, pbc, nb, reach, tab_bin, tab_img, img_max, bits, bin_start, sorted_pos,
-              sorted_key, rc2_lo, rc2_hi, keys):
+def _row_keys(xi, yi, zi, b0, b1, b2, cell, pbc, nb, reach, col_d0, col_d1, tab_bin, tab_img, img_max, bits,
+              ext_start, ext_pos, ext_key, rc2_lo, rc2_hi, keys):
     """Neighbours of one atom (wrapped position xi, yi, zi Å; bin coordinates b0, b1, b2) as int64 keys
-    ``j << (3*bits+1) | image code << 1 | borderline`` written to ``keys``. Hits are candidates with
-    squared distance < rc2_hi; ``borderline`` (bit 0) marks those >= rc2_lo, to be re-tested exactly by the caller.
-    The self pair (j = i, image 0) is included.
+    ``j << (3*bits+1) | image code << 1 | borderline`` written to ``keys``.
 
-    Bins are linear in direction 2, so for every (d0, d1) the bins b2 - reach .. b2 + reach form at most a few
-    contiguous runs of atoms (one per periodic image along direction 2), each scanned in one loop. The hit test is
-    branch-free: every candidate is written and the count advances only for hits. Returns the number of keys, or -1
-    when ``keys`` is too short (the caller grows it and calls again; no allocation in here keeps the loop tight).
+    For every active column offset (d0, d1) the bins b2 - reach .. b2 + reach of the extended column are one
+    contiguous run of candidates. Hits have squared distance < rc2_hi; ``borderline`` (bit 0) marks those >= rc2_lo,
+    to be re-tested exactly by the caller. The hit test is branch-free: every candidate is written and the count
+    advances only for hits. The self pair (j = i, image 0) is included. Returns the number of keys, or -1 when
+    ``keys`` is too short (the caller grows it and calls again; no allocation here keeps the loop tight).
     """
     count = 0
-    lo0 = -reach[0] if pbc[0] else max(-reach[0], -b0)
-    hi0 = reach[0] if pbc[0] else min(reach[0], nb[0] - 1 - b0)
-    lo1 = -reach[1] if pbc[1] else max(-reach[1], -b1)
-    hi1 = reach[1] if pbc[1] else min(reach[1], nb[1] - 1 - b1)
-    u_first = b2 - reach[2] if pbc[2] else max(b2 - reach[2], 0)
-    u_last = b2 + reach[2] if pbc[2] else min(b2 + reach[2], nb[2] - 1)
-    nb1 = nb[1]
-    nb2 = nb[2]
-    for d0 in range(lo0, hi0 + 1):
-        t0 = b0 + d0 + reach[0]
-        m0 = tab_bin[0, t0]
+    slots = nb[2] + 2 * reach[2]
+    run = 2 * reach[2] + 1
+    for c in range(col_d0.shape[0]):
+        u0 = b0 + col_d0[c]
+        u1 = b1 + col_d1[c]
+        if not pbc[0] and (u0 < 0 or u0 >= nb[0]):
+            continue
+        if not pbc[1] and (u1 < 0 or u1 >= nb[1]):
+            continue
+        t0 = u0 + reach[0]
+        t1 = u1 + reach[1]
+        base = (tab_bin[0, t0] * nb[1] + tab_bin[1, t1]) * slots + b2
+        start = ext_start[base]
+        stop = ext_start[base + run]
+        if start == stop:
+            continue
+        if count + (stop - start) > keys.shape[0]:
+            return -1
         g0 = tab_img[0, t0]
-        for d1 in range(lo1, hi1 + 1):
-            t1 = b1 + d1 + reach[1]
-            column = (m0 * nb1 + tab_bin[1, t1]) * nb2
-            g1 = tab_img[1, t1]
-            px = xi - g0 * cell[0, 0] - g1 * cell[1, 0]
-            py = yi - g0 * cell[0, 1] - g1 * cell[1, 1]
-            pz = zi - g0 * cell[0, 2] - g1 * cell[1, 2]
-            code01 = ((g0 + img_max) << (2 * bits + 1)) | ((g1 + img_max) << (bits + 1))
-            u = u_first
-            while u <= u_last:
-                # run of bins u .. run_end (unwrapped indices) sharing the periodic image g2 along direction 2
-                g2 = tab_img[2, u + reach[2]]
-                run_end = min(u_last, (g2 + 1) * nb2 - 1) if pbc[2] else u_last
-                start = bin_start[column + u - g2 * nb2]
-                stop = bin_start[column + run_end - g2 * nb2 + 1]
-                u = run_end + 1
-                if start == stop:
-                    continue
-                if count + (stop - start) > keys.shape[0]:
-                    return -1
-                # q = p_i - image @ cell, so that the pair vector is p_j - q
-                qx = px - g2 * cell[2, 0]
-                qy = py - g2 * cell[2, 1]
-                qz = pz - g2 * cell[2, 2]
-                code = code01 | ((g2 + img_max) << 1)
-                for s in range(start, stop):
-                    ex = sorted_pos[s, 0] - qx
-                    ey = sorted_pos[s, 1] - qy
-                    ez = sorted_pos[s, 2] - qz
-                    d2 = ex * ex + ey * ey + ez * ez
-                    keys[count] = sorted_key[s] | code | np.int64(d2 >= rc2_lo)
-                    count += np.int64(d2 < rc2_hi)
+        g1 = tab_img[1, t1]
+        # q = p_i - image @ cell, so that the pair vector is p_j(ext) - q
+        qx = xi - g0 * cell[0, 0] - g1 * cell[1, 0]
+        qy = yi - g0 * cell[0, 1] - g1 * cell[1, 1]
+        qz = zi - g0 * cell[0, 2] - g1 * cell[1, 2]
+        code = ((g0 + img_max) << (2 * bits + 1)) | ((g1 + img_max) << (bits + 1))
+        for s in range(start, stop):
+            ex = ext_pos[s, 0] - qx
+            ey = ext_pos[s, 1] - qy
+            ez = ext_pos[s, 2] - qz
+            d2 = ex * ex + ey * ey + ez * ez
+            keys[count] = ext_key[s] | code | np.int64(d2 >= rc2_lo)
+            count += np.int64(d2 < rc2_hi)
     return count
 
 
@@ -424,33 +543,33 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
     frac = np.empty((n, 3))
     wrap = np.empty((n, 3), np.int64)
     wrapped = np.empty((n, 3))
-    heights, det, status = _fractional(pos, cell, pbc, frame, frac, wrap, wrapped)
+    heights, extent, det, status = _fractional(pos, cell, pbc, frame, frac, wrap, wrapped)
     if status != _OK:
         return out_i, out_j, out_s, n_out, status
 
     nb = np.empty(3, np.int64)
     reach = np.empty(3, np.int64)
-    _bin_grid(heights, cutoff, n, nb, reach)
-    for k in range(3):
-        if not pbc[k]:
-            reach[k] = min(reach[k], nb[k] - 1)
+    _bin_grid(heights, pbc, cutoff, n, nb, reach)
     if (2.0 * reach[0] + 1.0) * (2.0 * reach[1] + 1.0) * (2.0 * reach[2] + 1.0) > MAX_IMAGE_BOXES:
         return out_i, out_j, out_s, n_out, _TOO_MANY_IMAGES
-
-    atom_bin = np.empty((n, 3), np.int64)
-    bin_start = np.empty(nb[0] * nb[1] * nb[2] + 1, np.int64)
-    sorted_pos = np.empty((n, 3))
-    sorted_idx = np.empty(n, np.int64)
-    _sort_into_bins(frac, wrapped, nb, atom_bin, bin_start, sorted_pos, sorted_idx)
     tab_bin, tab_img, img_max = _image_tables(nb, reach, pbc)
-
     # key = j << (3*bits+1) | image code << 1 | borderline flag; image components offset by img_max to be >= 0
     bits = 1
     while (1 << bits) < 2 * img_max + 1:
         bits += 1
     if n >= (1 << (61 - 3 * bits)):
         return out_i, out_j, out_s, n_out, _KEY_OVERFLOW
+    shift = 3 * bits + 1
     mask = (1 << bits) - 1
+
+    atom_bin = np.empty((n, 3), np.int64)
+    bin_start = np.empty(nb[0] * nb[1] * nb[2] + 1, np.int64)
+    sorted_pos = np.empty((n, 3))
+    sorted_idx = np.empty(n, np.int64)
+    _sort_into_bins(frac, wrapped, nb, atom_bin, bin_start, sorted_pos, sorted_idx)
+    ext_start, ext_pos, ext_key = _extend_columns(nb, reach, pbc, cell, bin_start, sorted_pos, sorted_idx, tab_bin,
+                                                  tab_img, img_max, bits)
+    col_d0, col_d1 = _active_columns(frame, extent, nb, reach, pbc, cutoff)
 
     # expected number of pairs (bulk estimate), to size the output once
     if pbc[0] and pbc[1] and pbc[2]:
@@ -467,18 +586,14 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
     # positions exactly as |pos[j] - pos[i] + S @ cell| (as ASE does), so ties do not depend on the wrapping
     rc2_lo = cutoff * cutoff * (1.0 - 1e-10)
     rc2_hi = cutoff * cutoff * (1.0 + 1e-10)
-    shift = 3 * bits + 1
     zero_code = (img_max << (2 * bits + 1)) | (img_max << (bits + 1)) | (img_max << 1)
-    sorted_key = np.empty(n, np.int64)
-    for s in range(n):
-        sorted_key[s] = sorted_idx[s] << shift
     keys = np.empty(max(256, 4 * expect // n), np.int64)
     scratch = np.empty(keys.shape[0], np.int64)
     for i in range(n):
         while True:
             count = _row_keys(wrapped[i, 0], wrapped[i, 1], wrapped[i, 2], atom_bin[i, 0], atom_bin[i, 1],
-                              atom_bin[i, 2], cell, pbc, nb, reach, tab_bin, tab_img, img_max, bits, bin_start,
-                              sorted_pos, sorted_key, rc2_lo, rc2_hi, keys)
+                              atom_bin[i, 2], cell, pbc, nb, reach, col_d0, col_d1, tab_bin, tab_img, img_max, bits,
+                              ext_start, ext_pos, ext_key, rc2_lo, rc2_hi, keys)
             if count >= 0:
                 break
             keys = np.empty(2 * keys.shape[0], np.int64)
