@@ -53,6 +53,8 @@ from numba import njit
 
 __all__ = ["neighbor_list", "batched_neighbor_list", "VerletNeighborList", "compile_time"]
 
+LARGE_SYSTEM = 2000
+"""From this many atoms per call, the output buffers are allocated by numpy from a pair-count estimate."""
 COLUMN_COST = 5.0
 """Cost of visiting one column of bins, in units of one distance test (used to choose the bin grid)."""
 MAX_BINS_PER_ATOM = 2.0
@@ -189,7 +191,8 @@ def _grid_cost(n_atoms, pbc, nb, reach):
 def _bin_grid(heights, pbc, cutoff, n_atoms, nb, reach):
     """Choose the bins per direction ``nb`` (3,) and search reach ``reach`` (3,) for region heights (3,) in Å.
 
-    Candidate grids have bins of width >= cutoff / m_k along direction k, m_k in 1..3 (reach ~ m_k). Among those with
+    Candidate grids have bins of width >= cutoff / m_k along direction k, m_k in 1..3 (1..4 along direction 2, where
+    finer bins are cheap because the columns are contiguous; reach ~ m_k). Among those with
     at most MAX_BINS_PER_ATOM bins per atom the one with the lowest :func:`_grid_cost` is taken. When none qualifies
     (dilute or very large open systems) the bin width is widened until the cap holds.
     """
@@ -197,10 +200,10 @@ def _bin_grid(heights, pbc, cutoff, n_atoms, nb, reach):
     trial_nb = np.empty(3, np.int64)
     trial_reach = np.empty(3, np.int64)
     best = np.inf
-    for code in range(27):
+    for code in range(36):
         total = 1.0
         for k in range(3):
-            m = (code // 3 ** k) % 3 + 1
+            m = (code % 3 + 1) if k == 0 else ((code // 3) % 3 + 1 if k == 1 else code // 9 + 1)
             nb_k = min(max(math.floor(heights[k] * m / cutoff), 1.0), max_bins)
             trial_nb[k] = np.int64(nb_k)
             total *= nb_k
@@ -429,31 +432,84 @@ def _insertion_sort(keys, lo, hi):
 
 @njit(cache=True)
 def _sort_keys(keys, n, scratch):
-    """Sort ``keys[:n]`` in place: insertion sort of runs of 16, then bottom-up merges through ``scratch`` (>= n)."""
+    """Sort ``keys[:n]`` (int64, >= 0) in place: insertion sort of runs of 16, then bottom-up merges through ``scratch``
+    (>= n). Merges are branch-free (the comparison result is used arithmetically) and skipped for runs already in
+    order, so rows that arrive nearly sorted (spatially ordered atoms) cost little."""
     run = 16
     for lo in range(0, n, run):
         _insertion_sort(keys, lo, min(lo + run, n))
     src = keys
     dst = scratch
     width = run
+    big = np.iinfo(np.int64).max
     while width < n:
         for lo in range(0, n, 2 * width):
             mid = min(lo + width, n)
             hi = min(lo + 2 * width, n)
+            if mid == hi or src[mid - 1] <= src[mid]:
+                for out in range(lo, hi):
+                    dst[out] = src[out]
+                continue
             a = lo
             b = mid
             for out in range(lo, hi):
-                if b >= hi or (a < mid and src[a] <= src[b]):
-                    dst[out] = src[a]
-                    a += 1
-                else:
-                    dst[out] = src[b]
-                    b += 1
+                va = src[a] if a < mid else big
+                vb = src[b] if b < hi else big
+                take_a = np.int64(va <= vb)
+                dst[out] = min(va, vb)
+                a += take_a
+                b += 1 - take_a
         src, dst = dst, src
         width *= 2
     if src is not keys:
         for a in range(n):
             keys[a] = src[a]
+
+
+@njit(cache=True)
+def _sort_row(keys, n, scratch, counts, bucket):
+    """Sort ``keys[:n]`` (int64) in place by bucket sort: 4n equal-width buckets over [min, max] (a monotone map, so
+    the buckets are ordered), a stable counting scatter into ``scratch``, then one insertion pass that only reorders
+    within buckets. Neighbour rows are far from sorted even for spatially ordered atoms, and random for shuffled ones;
+    this costs a few ns per key either way. Rows with a crowded bucket fall back to :func:`_sort_keys`.
+
+    scratch, bucket (>= n,) int64 and counts (>= 4n + 1,) int64 are work arrays.
+    """
+    if n <= 16:
+        _insertion_sort(keys, 0, n)
+        return
+    k_min = keys[0]
+    k_max = keys[0]
+    for a in range(1, n):
+        k_min = min(k_min, keys[a])
+        k_max = max(k_max, keys[a])
+    n_buckets = 4 * n
+    scale = n_buckets / (float(k_max - k_min) + 1.0)
+    for b in range(n_buckets + 1):
+        counts[b] = 0
+    for a in range(n):
+        b = min(np.int64((keys[a] - k_min) * scale), n_buckets - 1)
+        bucket[a] = b
+        counts[b + 1] += 1
+    largest = 0
+    for b in range(n_buckets):
+        largest = max(largest, counts[b + 1])
+        counts[b + 1] += counts[b]
+    if largest > 32:
+        _sort_keys(keys, n, scratch)
+        return
+    for a in range(n):
+        b = bucket[a]
+        scratch[counts[b]] = keys[a]
+        counts[b] += 1
+    keys[0] = scratch[0]
+    for a in range(1, n):
+        key = scratch[a]
+        b = a - 1
+        while b >= 0 and keys[b] > key:
+            keys[b + 1] = keys[b]
+            b -= 1
+        keys[b + 1] = key
 
 
 @njit(cache=True)
@@ -582,13 +638,15 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
         out_j = _grow(out_j, cap, n_out)
         out_s = _grow(out_s, cap, n_out)
 
-    # candidates within a relative 1e-10 of the cutoff are re-tested with the distance computed from the input
+    # candidates within a relative 1e-8 of the cutoff are re-tested with the distance computed from the input
     # positions exactly as |pos[j] - pos[i] + S @ cell| (as ASE does), so ties do not depend on the wrapping
-    rc2_lo = cutoff * cutoff * (1.0 - 1e-10)
-    rc2_hi = cutoff * cutoff * (1.0 + 1e-10)
+    rc2_lo = cutoff * cutoff * (1.0 - 1e-8)
+    rc2_hi = cutoff * cutoff * (1.0 + 1e-8)
     zero_code = (img_max << (2 * bits + 1)) | (img_max << (bits + 1)) | (img_max << 1)
     keys = np.empty(max(256, 4 * expect // n), np.int64)
     scratch = np.empty(keys.shape[0], np.int64)
+    bucket = np.empty(keys.shape[0], np.int64)
+    counts = np.empty(4 * keys.shape[0] + 1, np.int64)
     for i in range(n):
         while True:
             count = _row_keys(wrapped[i, 0], wrapped[i, 1], wrapped[i, 2], atom_bin[i, 0], atom_bin[i, 1],
@@ -598,7 +656,9 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
                 break
             keys = np.empty(2 * keys.shape[0], np.int64)
             scratch = np.empty(keys.shape[0], np.int64)
-        _sort_keys(keys, count, scratch)
+            bucket = np.empty(keys.shape[0], np.int64)
+            counts = np.empty(4 * keys.shape[0] + 1, np.int64)
+        _sort_row(keys, count, scratch, counts, bucket)
         if n_out + count > out_j.shape[0]:
             cap = max(n_out + count, 2 * out_j.shape[0])
             out_i = _grow(out_i, cap, n_out)
@@ -629,18 +689,15 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
 
 
 @njit(cache=True)
-def _batched_pairs(positions, cells, pbcs, ptr, cutoff, self_interaction):
+def _batched_pairs(positions, cells, pbcs, ptr, cutoff, self_interaction, out_i, out_j, out_s):
     """Pairs of all structures: positions (N,3), cells (B,3,3), pbcs (B,3) bool, ptr (B+1,) int64 atom offsets.
 
-    Returns global out_i, out_j (n_pairs,), out_s (n_pairs,3), counts (B,) pairs per structure, status code and the
-    index of the failing structure (-1 when ok).
+    out_i, out_j (cap,) and out_s (cap, 3) int64 are the initial output buffers (any capacity, grown when needed).
+    Returns global out_i, out_j (n_pairs,), out_s (n_pairs,3) (views of the buffers), counts (B,) pairs per
+    structure, status code and the index of the failing structure (-1 when ok).
     """
     n_struct = ptr.shape[0] - 1
     counts = np.zeros(n_struct, np.int64)
-    cap = 1024  # grown per structure from its expected pair count
-    out_i = np.empty(cap, np.int64)
-    out_j = np.empty(cap, np.int64)
-    out_s = np.empty((cap, 3), np.int64)
     n_out = ptr[0]  # == 0; not a literal, so the callee is compiled once
     for b in range(n_struct):
         before = n_out
@@ -650,8 +707,6 @@ def _batched_pairs(positions, cells, pbcs, ptr, cutoff, self_interaction):
         if status != _OK:
             return out_i[:0], out_j[:0], out_s[:0], counts, status, b
         counts[b] = n_out - before
-    if out_j.shape[0] > n_out + n_out // 2 + 1024:  # do not hand back a much larger buffer than needed
-        return out_i[:n_out].copy(), out_j[:n_out].copy(), out_s[:n_out].copy(), counts, _OK, -1
     return out_i[:n_out], out_j[:n_out], out_s[:n_out], counts, _OK, -1
 
 
@@ -746,6 +801,29 @@ def _as_pbc(pbc, n_struct=None) -> np.ndarray:
     return _writable(np.ascontiguousarray(pbc))
 
 
+_EMPTY_OUT = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 3), np.int64))
+
+
+def _output_buffers(cells, pbc, ptr, cutoff):
+    """Initial output buffers (out_i, out_j, out_s) for the kernel, allocated by numpy for large systems.
+
+    First-touch page faults of numpy allocations are several times cheaper than those of Numba's allocator for
+    buffers of tens of MB, so large outputs are sized here from an estimate (the kernel grows them if it is short;
+    untouched capacity costs only address space). Small systems return empty buffers that the kernel grows.
+    """
+    n_atoms = np.diff(ptr)
+    if ptr[-1] < LARGE_SYSTEM:
+        return _EMPTY_OUT
+    volume = np.abs(np.linalg.det(cells))
+    periodic = pbc.all(axis=1) & (volume > 0)
+    density = np.where(periodic, n_atoms / np.where(periodic, volume, 1.0), 0.15)  # 0.15 / Å^3: dense solid
+    sphere = 4.0 / 3.0 * np.pi * cutoff ** 3
+    # (at least the kernel's own estimate, 1.15 n^2 / V * sphere + n, so that it does not reallocate)
+    cap = int(np.sum(np.minimum(1.2 * n_atoms * density * sphere, n_atoms * np.maximum(n_atoms - 1, 0) * np.where(
+        periodic, np.inf, 1.0)) + n_atoms) + 1024)
+    return np.empty(cap, np.int64), np.empty(cap, np.int64), np.empty((cap, 3), np.int64)
+
+
 def _raise(status, structure=None):
     where = "" if structure is None else f" (structure {structure})"
     raise ValueError(_MESSAGES[status] + where)
@@ -774,7 +852,9 @@ def neighbor_list(positions, cell, pbc, cutoff, self_interaction=False):
     pbc = _as_pbc(pbc)
     cutoff = _check_cutoff(cutoff)
     ptr = np.array([0, positions.shape[0]], np.int64)
-    i, j, S, _, status, _ = _batched_pairs(positions, cell[None], pbc[None], ptr, cutoff, bool(self_interaction))
+    cells, pbcs = cell[None], pbc[None]
+    i, j, S, _, status, _ = _batched_pairs(positions, cells, pbcs, ptr, cutoff, bool(self_interaction),
+                                           *_output_buffers(cells, pbcs, ptr, cutoff))
     if status:
         _raise(status)
     return i, j, S
@@ -817,7 +897,8 @@ def batched_neighbor_list(positions, cells, pbc, ptr=None, cutoff=None, self_int
         raise ValueError(f"cells must have shape ({n_struct}, 3, 3), got {cells.shape}")
     pbc = _as_pbc(pbc, n_struct)
     cutoff = _check_cutoff(cutoff)
-    i, j, S, counts, status, where = _batched_pairs(positions, cells, pbc, ptr, cutoff, bool(self_interaction))
+    i, j, S, counts, status, where = _batched_pairs(positions, cells, pbc, ptr, cutoff, bool(self_interaction),
+                                                    *_output_buffers(cells, pbc, ptr, cutoff))
     if status:
         _raise(status, where)
     return i, j, S, counts
