@@ -23,22 +23,31 @@ Algorithm (one structure)
    ``n_k = floor(f_k)``, and the wrapped Cartesian position ``p = r - n @ cell`` is used for all distances. The
    integer wrap ``n`` is remembered, so the returned shift refers to the *input* (unwrapped) positions:
    ``p_j + img @ cell - p_i = r_j + S @ cell - r_i`` with ``S = img + n_i - n_j``.
-3. *Bins.* The height of the cell along k (distance between the two faces not containing axis k) is
-   ``h_k = 1 / |b_k|`` with ``b_k`` the k-th reciprocal vector (column k of ``inv(frame)``). Each direction gets
-   ``nb_k = floor(h_k / (cutoff * BIN_FRACTION))`` bins (at least one; the total is capped at a few per atom, so
-   memory stays O(N) for dilute or huge open systems). Since ``|r_j - r_i| >= |f_j - f_i|_k * h_k``, every pair
-   within the cutoff lies within ``r_k = ceil(cutoff / (h_k / nb_k))`` bins along each direction. The search visits
-   bin offsets ``-r_k..r_k``; along periodic directions an offset that leaves the cell maps to bin
-   ``(b + d) mod nb_k`` in periodic image ``floor((b + d) / nb_k)`` -- when the cutoff exceeds the cell this walks
-   through as many images as needed. Along non-periodic directions the offsets are clipped to the existing bins.
-4. *Counting sort* of the atoms by bin (stable, so the atoms of a bin are in increasing index order), with their
-   wrapped coordinates copied into bin order for contiguous access.
-5. *Rows.* For each atom ``i`` (in index order) the candidates of the neighbour bins are tested; each hit is encoded
-   as one int64 key ``(j, image)``. For fixed ``i`` and ``j``, ``S = img + n_i - n_j`` is a constant translation of
-   ``img``, so sorting the row's keys gives the documented ``(i, j, S)`` order without a global sort. Output arrays
-   grow geometrically (pair count estimated from the density first).
+3. *Bin grid.* The height of the cell along k (distance between the two faces not containing axis k) is
+   ``h_k = 1 / |b_k|`` with ``b_k`` the k-th reciprocal vector (column k of ``inv(frame)``). Direction k gets ``nb_k``
+   bins; since ``|r_j - r_i| >= |f_j - f_i|_k * h_k``, every pair within the cutoff lies within
+   ``r_k = ceil(cutoff / (h_k / nb_k))`` bins along each direction. ``nb_k = floor(m_k h_k / cutoff)`` (bins at
+   least cutoff/m_k wide, at least one bin), with the m_k in 1..4 that minimise a cost model (distance tests +
+   COLUMN_COST x bin columns visited), the total capped at MAX_BINS_PER_ATOM bins per atom so memory stays O(N)
+   for dilute or huge open systems. Along periodic directions a bin offset that leaves the cell maps to bin
+   ``(b + d) mod nb_k`` of periodic image ``floor((b + d) / nb_k)`` -- when the cutoff exceeds the cell this walks
+   through as many images as needed; along non-periodic directions offsets are clipped to the existing bins.
+4. *Counting sort* of the atoms by bin (stable), then *extended columns*: every column of bins along direction 2 is
+   copied with ``r_2`` extra bins on both sides holding the periodic images along direction 2 (positions shifted,
+   image stored with the atom). The ``2 r_2 + 1`` bins around any atom are then one contiguous run, so an atom
+   visits one run per column offset (d0, d1). Column offsets whose bins cannot hold a pair within the cutoff
+   (exact minimum of the in-plane distance over the two bin ranges) are dropped once per structure.
+5. *Rows.* For each atom ``i`` (in index order) the runs are scanned branch-free (every candidate is written, the
+   count advances only for hits); a hit is one int64 key ``j << (3 bits + 1) | image code << 1 | borderline``. For
+   fixed ``i`` and ``j``, ``S = img + n_i - n_j`` is a constant translation of ``img``, so sorting a row's keys
+   (bucket sort, a few ns per key) gives the documented ``(i, j, S)`` order without any global sort. Candidates
+   within a relative 1e-8 of the cutoff are re-tested with the distance computed exactly as ASE does,
+   ``|pos[j] - pos[i] + S @ cell|``, so exact ties (lattice vectors equal to the cutoff) follow the input positions
+   rather than the wrapping, and agree with :class:`VerletNeighborList`'s filter.
+6. *Output* arrays (int64) are sized from a density estimate (allocated by numpy for large systems: much cheaper page
+   faults than Numba's allocator) and grow geometrically if short.
 
-Cost: O(N) bins and candidates for a fixed density and cutoff, plus O(k log k) per row of k neighbours.
+Cost: O(N) bins and candidates for a fixed density and cutoff, plus O(k) per row of k neighbours for the sort.
 """
 from __future__ import annotations
 

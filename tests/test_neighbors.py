@@ -255,3 +255,15 @@ def test_bad_input_errors():
         batched_neighbor_list(pos, np.stack([cell, np.zeros((3, 3))]), True, [0, 2, 4], 2.0)
     with pytest.raises(ValueError, match="cutoff"):
         VerletNeighborList(-1.0)
+
+
+def test_exact_ties_follow_ase():
+    """Pairs exactly at the cutoff (lattice vectors equal to it) are excluded, as in ASE, however atoms are wrapped."""
+    cell = np.diag([3.0, 3.0, 4.0])
+    positions = np.array([[0.5, 0.5, 0.5], [2.0, 0.5, 0.5], [-2.5, 3.5, 8.5], [6.5, -5.5, 1.5]])
+    for cutoff in (1.5, 3.0, 4.0, 5.0, 6.0):
+        i, j, S = neighbor_list(positions, cell, True, cutoff)
+        assert as_set(i, j, S) == ase_pairs(positions, cell, [True] * 3, cutoff)
+        verlet = VerletNeighborList(cutoff, skin=0.5)
+        for a, b in zip(verlet.update(positions, cell, True), (i, j, S)):
+            np.testing.assert_array_equal(a, b)
