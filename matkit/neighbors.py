@@ -189,11 +189,15 @@ def _reach(heights, pbc, cutoff, nb, reach):
 def _grid_cost(n_atoms, pbc, nb, reach):
     """Modelled work per atom of a bin grid: distance tests + COLUMN_COST x columns of bins visited."""
     n_bins = 1.0
-    offsets = np.empty(3)
+    boxes = 1.0
+    columns = 1.0
     for k in range(3):
         n_bins *= nb[k]
-        offsets[k] = 2 * reach[k] + 1 if pbc[k] else min(2 * reach[k] + 1, nb[k])
-    return n_atoms / n_bins * offsets[0] * offsets[1] * offsets[2] + COLUMN_COST * offsets[0] * offsets[1]
+        offsets = 2 * reach[k] + 1 if pbc[k] else min(2 * reach[k] + 1, nb[k])
+        boxes *= offsets
+        if k < 2:
+            columns *= offsets
+    return n_atoms / n_bins * boxes + COLUMN_COST * columns
 
 
 @njit(cache=True)
@@ -253,11 +257,15 @@ def _fractional(pos, cell, pbc, frame, frac, wrap, wrapped):
     inv = np.empty((3, 3))
     det = _inverse3(frame, inv)
     heights = np.empty(3)
-    extent = np.ones(3)
+    extent = np.empty(3)
     for k in range(3):
+        extent[k] = 1.0
         heights[k] = 1.0 / math.sqrt(inv[0, k] * inv[0, k] + inv[1, k] * inv[1, k] + inv[2, k] * inv[2, k])
-    lo = np.full(3, np.inf)
-    hi = np.full(3, -np.inf)
+    lo = np.empty(3)
+    hi = np.empty(3)
+    for k in range(3):
+        lo[k] = np.inf
+        hi[k] = -np.inf
     for a in range(n):
         x = pos[a, 0]
         y = pos[a, 1]
@@ -399,14 +407,25 @@ def _active_columns(frame, extent, nb, reach, pbc, cutoff):
     v' the parts of u, v orthogonal to frame[2]; columns where the minimum of that quadratic over the box reaches the
     cutoff are dropped.
     """
-    e2 = frame[2] / math.sqrt(frame[2, 0] ** 2 + frame[2, 1] ** 2 + frame[2, 2] ** 2)
-    u = frame[0] * (extent[0] / nb[0])
-    v = frame[1] * (extent[1] / nb[1])
-    u = u - (u[0] * e2[0] + u[1] * e2[1] + u[2] * e2[2]) * e2
-    v = v - (v[0] * e2[0] + v[1] * e2[1] + v[2] * e2[2]) * e2
-    a = u[0] * u[0] + u[1] * u[1] + u[2] * u[2]
-    b = u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
-    c = v[0] * v[0] + v[1] * v[1] + v[2] * v[2]
+    # quadratic form a x^2 + 2 b x y + c y^2 of the in-plane displacement (Gram matrix of u', v')
+    n2 = _row_norm(frame, 2)
+    su = extent[0] / nb[0]
+    sv = extent[1] / nb[1]
+    uu = 0.0
+    uv = 0.0
+    vv = 0.0
+    ue = 0.0
+    ve = 0.0
+    for k in range(3):
+        e = frame[2, k] / n2
+        uu += frame[0, k] * frame[0, k]
+        uv += frame[0, k] * frame[1, k]
+        vv += frame[1, k] * frame[1, k]
+        ue += frame[0, k] * e
+        ve += frame[1, k] * e
+    a = (uu - ue * ue) * su * su
+    b = (uv - ue * ve) * su * sv
+    c = (vv - ve * ve) * sv * sv
     limit = cutoff * cutoff * (1.0 + 1e-8)
     n_max = (2 * reach[0] + 1) * (2 * reach[1] + 1)
     d0s = np.empty(n_max, np.int64)
@@ -485,7 +504,7 @@ def _sort_row(keys, n, scratch, counts, bucket):
     scratch, bucket (>= n,) int64 and counts (>= 4n + 1,) int64 are work arrays.
     """
     if n <= 16:
-        _insertion_sort(keys, 0, n)
+        _sort_keys(keys, n, scratch)
         return
     k_min = keys[0]
     k_max = keys[0]
