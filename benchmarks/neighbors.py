@@ -4,8 +4,10 @@
 
 Every library computes the same full ``ijS`` list (pair counts are checked to agree). Per system the libraries are
 timed *interleaved* (one call of each in turn, repeated until a time budget is used), so slow drifts of a shared machine
-hit all of them alike; the table shows the median wall time per call and the ratios to matkit. All libraries run on
-one thread (OMP/NUMBA threads = 1, vesin ``n_threads=1``). matkit's time includes sorting the list by (i, j, S) and the
+hit all of them alike. The tables show the median *CPU time* per call (all libraries compute in the calling thread, so
+this is their own work and does not count time the process spent descheduled on a busy machine) and the ratios to
+matkit; the last column is the same ratio from wall-clock medians. All libraries run on one thread (OMP/NUMBA threads
+= 1, vesin ``n_threads=1``). matkit's time includes sorting the list by (i, j, S) and the
 borderline re-test; vesin's list is unsorted. The first-call (JIT compile) time of matkit is measured in fresh
 subprocesses with an empty Numba cache.
 """
@@ -35,6 +37,11 @@ def systems(quick: bool):
     for rep in (3, 6, 10) if quick else (3, 6, 10, 20):
         atoms = bulk("Cu", "fcc", a=3.615, cubic=True).repeat(rep)
         out.append((f"fcc_Cu_{len(atoms)}", atoms.positions, atoms.cell.array, (True, True, True)))
+    if not quick:  # same crystal with the atom order shuffled (no spatial order to exploit)
+        order = np.random.default_rng(0).permutation(len(atoms))
+        out.append((f"fcc_Cu_{len(atoms)}_shuffled", atoms.positions[order], atoms.cell.array, (True, True, True)))
+    cluster = bulk("Cu", "fcc", a=3.615, cubic=True).repeat(6)
+    out.append(("Cu864_cluster_nonpbc", cluster.positions, np.zeros((3, 3)), (False, False, False)))
     two = np.array([[0.0, 0.0, 0.0], [0.5, 0.5, 0.5]]) @ TRICLINIC_CELL
     out.append(("triclinic_2atom", two, TRICLINIC_CELL, (True, True, True)))
     c60 = molecule("C60")
@@ -46,6 +53,10 @@ def systems(quick: bool):
 def make_runners(positions, cell, pbc, cutoff):
     """name -> zero-argument callable returning (i, j, S) for every installed library."""
     runners = {"matkit": lambda: neighbor_list(positions, cell, pbc, cutoff)}
+    box = cell
+    if not any(pbc) and not np.any(cell):  # matscipy wants a box around an open system
+        box = np.diag(np.ptp(positions, axis=0) + 2 * cutoff)
+        positions = positions - positions.min(axis=0) + cutoff
     try:
         import vesin
 
@@ -56,7 +67,7 @@ def make_runners(positions, cell, pbc, cutoff):
     try:
         from matscipy.neighbours import neighbour_list
 
-        runners["matscipy"] = lambda: neighbour_list("ijS", positions=positions, cell=cell, pbc=np.array(pbc),
+        runners["matscipy"] = lambda: neighbour_list("ijS", positions=positions, cell=box, pbc=np.array(pbc),
                                                      cutoff=cutoff)
     except ImportError:
         pass
@@ -66,22 +77,29 @@ def make_runners(positions, cell, pbc, cutoff):
 def time_interleaved(runners, budget_s: float, min_repeats: int = 5):
     """Median seconds per call of each runner, timing one call of each in turn until ``budget_s`` is used.
 
-    Calls shorter than ~1 ms are timed in groups (the group's mean is one sample)."""
+    Every sample records the process CPU time (``time.process_time``) and the wall time (``time.perf_counter``);
+    all libraries run in the calling thread, so CPU time is their work alone and is robust against the machine being
+    shared (time spent descheduled does not count). Calls shorter than ~1 ms are timed in groups (the group's mean
+    is one sample). Returns ({name: {"cpu": s, "wall": s}}, {name: n_samples}).
+    """
     group = {}
     for name, fn in runners.items():
         fn()  # warm-up (and JIT) outside the timing
         t0 = time.perf_counter()
         fn()
         group[name] = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))
-    samples = {name: [] for name in runners}
+    samples = {name: ([], []) for name in runners}
     start = time.perf_counter()
-    while time.perf_counter() - start < budget_s or min(len(s) for s in samples.values()) < min_repeats:
+    while time.perf_counter() - start < budget_s or min(len(s[0]) for s in samples.values()) < min_repeats:
         for name, fn in runners.items():
-            t0 = time.perf_counter()
+            c0, w0 = time.process_time(), time.perf_counter()
             for _ in range(group[name]):
                 fn()
-            samples[name].append((time.perf_counter() - t0) / group[name])
-    return {name: float(np.median(s)) for name, s in samples.items()}, {n: len(s) for n, s in samples.items()}
+            c1, w1 = time.process_time(), time.perf_counter()
+            samples[name][0].append((c1 - c0) / group[name])
+            samples[name][1].append((w1 - w0) / group[name])
+    medians = {name: {"cpu": float(np.median(c)), "wall": float(np.median(w))} for name, (c, w) in samples.items()}
+    return medians, {name: len(c) for name, (c, _) in samples.items()}
 
 
 def fmt_time(seconds: float) -> str:
@@ -126,9 +144,9 @@ def main():
 
     results = []
     for cutoff in (5.0, 6.0):
-        print(f"cutoff {cutoff} Å: median time per call")
-        header = f"{'system':22s} {'N':>6s} {'pairs':>8s} {'matkit':>10s} {'vesin(1)':>10s} {'matscipy':>10s} " \
-                 f"{'vesin/matkit':>12s} {'matscipy/matkit':>15s} {'matkit ns/pair':>14s}"
+        print(f"cutoff {cutoff} Å: median CPU time per call (wall-time ratio vesin/matkit in the last column)")
+        header = f"{'system':26s} {'N':>6s} {'pairs':>8s} {'matkit':>10s} {'vesin(1)':>10s} {'matscipy':>10s} " \
+                 f"{'vesin/matkit':>12s} {'matscipy/matkit':>15s} {'matkit ns/pair':>14s} {'wall v/m':>8s}"
         print(header)
         for name, positions, cell, pbc in systems(args.quick):
             runners = make_runners(positions, cell, pbc, cutoff)
@@ -137,18 +155,23 @@ def main():
                 raise RuntimeError(f"pair counts differ on {name}: {counts}")
             pairs = counts["matkit"]
             budget_here = budget * (3 if len(positions) >= 32000 else 1)
-            t, n_samples = time_interleaved(runners, budget_here)
-            row = dict(system=name, n_atoms=len(positions), cutoff=cutoff, pairs=pairs, seconds=t, samples=n_samples)
+            both, n_samples = time_interleaved(runners, budget_here)
+            t = {lib: v["cpu"] for lib, v in both.items()}
+            wall = {lib: v["wall"] for lib, v in both.items()}
+            row = dict(system=name, n_atoms=len(positions), cutoff=cutoff, pairs=pairs, seconds=t, wall_seconds=wall,
+                       samples=n_samples)
             results.append(row)
             ratio = {lib: t[lib] / t["matkit"] for lib in t}
-            print(f"{name:22s} {len(positions):6d} {pairs:8d} {fmt_time(t['matkit']):>10s} "
+            wall_ratio = wall.get("vesin(1)", np.nan) / wall["matkit"]
+            print(f"{name:26s} {len(positions):6d} {pairs:8d} {fmt_time(t['matkit']):>10s} "
                   f"{fmt_time(t.get('vesin(1)', np.nan)):>10s} {fmt_time(t.get('matscipy', np.nan)):>10s} "
                   f"{ratio.get('vesin(1)', np.nan):12.2f} {ratio.get('matscipy', np.nan):15.2f} "
-                  f"{t['matkit'] / max(pairs, 1) * 1e9:14.0f}")
+                  f"{t['matkit'] / max(pairs, 1) * 1e9:14.0f} {wall_ratio:8.2f}")
         print()
 
-    fcc = [r for r in results if r["system"].startswith("fcc_Cu") and r["n_atoms"] >= 864]
-    print("scaling (fcc Cu, N >= 864): exponent b of t ~ N^b, and ns per directed pair at the largest N")
+    fcc = [r for r in results if r["system"].startswith("fcc_Cu") and r["n_atoms"] >= 864
+           and not r["system"].endswith("shuffled")]
+    print("scaling (fcc Cu, N >= 864, CPU time): exponent b of t ~ N^b, and ns per directed pair at the largest N")
     for cutoff in (5.0, 6.0):
         rows = [r for r in fcc if r["cutoff"] == cutoff]
         for lib in rows[0]["seconds"]:
@@ -173,15 +196,16 @@ def main():
         runners["vesin(1) loop"] = lambda: [nl.compute(p, c, True, "ijS") for p, c in zip(positions, cells)]
     except ImportError:
         pass
-    t, _ = time_interleaved(runners, budget)
+    both, _ = time_interleaved(runners, budget)
+    t = {lib: v["cpu"] for lib, v in both.items()}
     n_atoms = sum(len(p) for p in positions)
     pairs = len(batched_neighbor_list(positions, cells, pbc, cutoff=5.0)[0])
-    print(f"\n{len(positions)} small periodic structures ({n_atoms / len(positions):.1f} atoms each, {pairs} pairs, "
+    print(f"\n(CPU time) {len(positions)} small periodic structures ({n_atoms / len(positions):.1f} atoms each, {pairs} pairs, "
           f"rc 5 Å), one call per batch:")
     for lib, s in t.items():
         print(f"  {lib:16s} {fmt_time(s):>10s}  ({s / len(positions) * 1e6:.1f} µs per structure)")
     results.append(dict(system="batch_small_structures", n_structures=len(positions), n_atoms=n_atoms, cutoff=5.0,
-                        pairs=pairs, seconds=t))
+                        pairs=pairs, seconds=t, wall_seconds={lib: v["wall"] for lib, v in both.items()}))
     print(f"\nloadavg at end {os.getloadavg()}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -811,6 +811,8 @@ def _as_positions(positions) -> np.ndarray:
 
 
 def _as_pbc(pbc, n_struct=None) -> np.ndarray:
+    if n_struct is None and isinstance(pbc, np.ndarray) and pbc.dtype == np.bool_ and pbc.shape == (3,):
+        return _writable(np.ascontiguousarray(pbc))  # fast path (ASE's atoms.pbc)
     pbc = np.asarray(pbc)
     if pbc.dtype != np.bool_:
         if not np.isin(pbc, (0, 1)).all():
@@ -839,9 +841,9 @@ def _output_buffers(cells, pbc, ptr, cutoff):
     buffers of tens of MB, so large outputs are sized here from an estimate (the kernel grows them if it is short;
     untouched capacity costs only address space). Small systems return empty buffers that the kernel grows.
     """
-    n_atoms = np.diff(ptr)
     if ptr[-1] < LARGE_SYSTEM:
         return _EMPTY_OUT
+    n_atoms = np.diff(ptr)
     volume = np.abs(np.linalg.det(cells))
     periodic = pbc.all(axis=1) & (volume > 0)
     density = np.where(periodic, n_atoms / np.where(periodic, volume, 1.0), 0.15)  # 0.15 / Å^3: dense solid
