@@ -348,13 +348,41 @@ def _image_tables(nb, reach, pbc):
 
 
 @njit(cache=True)
-def _extend_columns(nb, reach, pbc, cell, bin_start, sorted_pos, sorted_idx, tab_bin, tab_img, img_max, bits):
+def _key_layout(img_max, wrap):
+    """Field width ``bits`` and offset ``key_off`` of the pair keys for images up to ``img_max`` and wraps (n,3).
+
+    A key stores, per direction k, ``F_k = image_k - wrap_j,k + key_off`` in ``bits`` bits; ``F_k`` lies in
+    [0, 2 key_off]. For a row i, ``S_k = F_k - key_off + wrap_i,k``."""
+    w_max = 0
+    for a in range(wrap.shape[0]):
+        for k in range(3):
+            w_max = max(w_max, abs(wrap[a, k]))
+    key_off = img_max + w_max
+    bits = 1
+    while (1 << bits) < 2 * key_off + 1:
+        bits += 1
+    return bits, key_off
+
+
+@njit(cache=True)
+def _pair_key(j, g0, g1, g2, w0, w1, w2, key_off, bits):
+    """int64 key of neighbour j at image (g0, g1, g2) with wrap (w0, w1, w2) of j (see :func:`_key_layout`).
+
+    ``j << (3 bits + 1) | F_0 << (2 bits + 1) | F_1 << (bits + 1) | F_2 << 1``; bit 0 is free for a flag. Within a
+    row, key order is (j, S) order, and adding ``g << field`` to a key adds g to that image (no carries)."""
+    return ((j << (3 * bits + 1)) | ((g0 - w0 + key_off) << (2 * bits + 1)) | ((g1 - w1 + key_off) << (bits + 1))
+            | ((g2 - w2 + key_off) << 1))
+
+
+@njit(cache=True)
+def _extend_columns(nb, reach, pbc, cell, bin_start, sorted_pos, sorted_idx, tab_bin, tab_img, wrap, key_off, bits):
     """Bin columns along direction 2 extended by ``reach[2]`` bins on both sides with periodic images.
 
     Column (m0, m1) gets ``nb[2] + 2 reach[2]`` slots; slot t holds the atoms of bin ``t - reach[2]`` (wrapped, the
     positions shifted by the image along direction 2; empty outside the cell when not periodic). Then the bins
     b2 - reach .. b2 + reach around any atom are one contiguous run. Returns (ext_start (n_slots+1,),
-    ext_pos (n_ext,3) Å, ext_key (n_ext,) = j << (3*bits+1) | (image_2 + img_max) << 1).
+    ext_pos (n_ext,3) Å, ext_key (n_ext,) int64): the pair key of atom j seen at image (0, 0, g2), see
+    :func:`_pair_key`.
     """
     slots = nb[2] + 2 * reach[2]
     n_cols = nb[0] * nb[1]
@@ -370,7 +398,7 @@ def _extend_columns(nb, reach, pbc, cell, bin_start, sorted_pos, sorted_idx, tab
     n_ext = ext_start[n_cols * slots]
     ext_pos = np.empty((n_ext, 3))
     ext_key = np.empty(n_ext, np.int64)
-    shift = 3 * bits + 1
+    zero = np.int64(0)  # (a variable, not a literal: one compiled _pair_key)
     for col in range(n_cols):
         for t in range(slots):
             e = ext_start[col * slots + t]
@@ -378,11 +406,11 @@ def _extend_columns(nb, reach, pbc, cell, bin_start, sorted_pos, sorted_idx, tab
                 continue
             g2 = tab_img[2, t]
             b = col * nb[2] + tab_bin[2, t]
-            code = (g2 + img_max) << 1
             for s in range(bin_start[b], bin_start[b + 1]):
+                j = sorted_idx[s]
                 for c in range(3):
                     ext_pos[e, c] = sorted_pos[s, c] + g2 * cell[2, c]
-                ext_key[e] = (sorted_idx[s] << shift) | code
+                ext_key[e] = _pair_key(j, zero, zero, g2, wrap[j, 0], wrap[j, 1], wrap[j, 2], key_off, bits)
                 e += 1
     return ext_start, ext_pos, ext_key
 
@@ -408,7 +436,7 @@ def _active_columns(frame, extent, nb, reach, pbc, cutoff):
     cutoff are dropped.
     """
     # quadratic form a x^2 + 2 b x y + c y^2 of the in-plane displacement (Gram matrix of u', v')
-    n2 = _row_norm(frame, 2)
+    n2 = math.sqrt(frame[2, 0] ** 2 + frame[2, 1] ** 2 + frame[2, 2] ** 2)
     su = extent[0] / nb[0]
     sv = extent[1] / nb[1]
     uu = 0.0
@@ -552,10 +580,10 @@ def _grow(arr, new_len, n_used):
 
 
 @njit(cache=True)
-def _row_keys(xi, yi, zi, b0, b1, b2, cell, pbc, nb, reach, col_d0, col_d1, tab_bin, tab_img, img_max, bits,
+def _row_keys(xi, yi, zi, b0, b1, b2, cell, pbc, nb, reach, col_d0, col_d1, tab_bin, tab_img, bits,
               ext_start, ext_pos, ext_key, rc2_lo, rc2_hi, keys):
-    """Neighbours of one atom (wrapped position xi, yi, zi Å; bin coordinates b0, b1, b2) as int64 keys
-    ``j << (3*bits+1) | image code << 1 | borderline`` written to ``keys``.
+    """Neighbours of one atom (wrapped position xi, yi, zi Å; bin coordinates b0, b1, b2) as pair keys
+    (:func:`_pair_key`) plus a borderline flag in bit 0, written to ``keys``.
 
     For every active column offset (d0, d1) the bins b2 - reach .. b2 + reach of the extended column are one
     contiguous run of candidates. Hits have squared distance < rc2_hi; ``borderline`` (bit 0) marks those >= rc2_lo,
@@ -588,13 +616,13 @@ def _row_keys(xi, yi, zi, b0, b1, b2, cell, pbc, nb, reach, col_d0, col_d1, tab_
         qx = xi - g0 * cell[0, 0] - g1 * cell[1, 0]
         qy = yi - g0 * cell[0, 1] - g1 * cell[1, 1]
         qz = zi - g0 * cell[0, 2] - g1 * cell[1, 2]
-        code = ((g0 + img_max) << (2 * bits + 1)) | ((g1 + img_max) << (bits + 1))
+        code = (g0 << (2 * bits + 1)) + (g1 << (bits + 1))  # adds the images along 0, 1 to the key's fields
         for s in range(start, stop):
             ex = ext_pos[s, 0] - qx
             ey = ext_pos[s, 1] - qy
             ez = ext_pos[s, 2] - qz
             d2 = ex * ex + ey * ey + ez * ez
-            keys[count] = ext_key[s] | code | np.int64(d2 >= rc2_lo)
+            keys[count] = ext_key[s] + code + np.int64(d2 >= rc2_lo)
             count += np.int64(d2 < rc2_hi)
     return count
 
@@ -607,6 +635,47 @@ def _within(pos, cell, i, j, s0, s1, s2, cutoff):
         d = (pos[j, c] - pos[i, c]) + (s0 * cell[0, c] + s1 * cell[1, c] + s2 * cell[2, c])
         d2 += d * d
     return math.sqrt(d2) < cutoff
+
+
+@njit(cache=True)
+def _ensure_capacity(out_i, out_j, out_s, n_out, extra):
+    """The output arrays, reallocated (doubling) when fewer than ``extra`` rows are free after ``n_out``."""
+    if n_out + extra > out_j.shape[0]:
+        cap = max(n_out + extra, 2 * out_j.shape[0])
+        out_i = _grow(out_i, cap, n_out)
+        out_j = _grow(out_j, cap, n_out)
+        out_s = _grow(out_s, cap, n_out)
+    return out_i, out_j, out_s
+
+
+@njit(cache=True)
+def _emit_row(i, keys, count, self_key, wrap, key_off, bits, pos, cell, cutoff, offset, out_i, out_j, out_s, n_out):
+    """Decode the sorted keys of row i into out_i, out_j (+ offset) and out_s from index n_out; returns the new n_out.
+
+    ``S_k = F_k - key_off + wrap_i,k``. ``self_key`` (or -1) is skipped; keys flagged borderline (bit 0) are kept only
+    if :func:`_within` confirms them."""
+    mask = (1 << bits) - 1
+    shift = 3 * bits + 1
+    w0 = wrap[i, 0] - key_off
+    w1 = wrap[i, 1] - key_off
+    w2 = wrap[i, 2] - key_off
+    for c in range(count):
+        key = keys[c]
+        if key == self_key:
+            continue
+        j = key >> shift
+        s0 = ((key >> (2 * bits + 1)) & mask) + w0
+        s1 = ((key >> (bits + 1)) & mask) + w1
+        s2 = ((key >> 1) & mask) + w2
+        if key & 1 and not _within(pos, cell, i, j, s0, s1, s2, cutoff):
+            continue
+        out_i[n_out] = i + offset
+        out_j[n_out] = j + offset
+        out_s[n_out, 0] = s0
+        out_s[n_out, 1] = s1
+        out_s[n_out, 2] = s2
+        n_out += 1
+    return n_out
 
 
 @njit(cache=True)
@@ -637,14 +706,9 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
     if (2.0 * reach[0] + 1.0) * (2.0 * reach[1] + 1.0) * (2.0 * reach[2] + 1.0) > MAX_IMAGE_BOXES:
         return out_i, out_j, out_s, n_out, _TOO_MANY_IMAGES
     tab_bin, tab_img, img_max = _image_tables(nb, reach, pbc)
-    # key = j << (3*bits+1) | image code << 1 | borderline flag; image components offset by img_max to be >= 0
-    bits = 1
-    while (1 << bits) < 2 * img_max + 1:
-        bits += 1
-    if n >= (1 << (61 - 3 * bits)):
+    bits, key_off = _key_layout(img_max, wrap)
+    if n >= (1 << max(61 - 3 * bits, 0)):
         return out_i, out_j, out_s, n_out, _KEY_OVERFLOW
-    shift = 3 * bits + 1
-    mask = (1 << bits) - 1
 
     atom_bin = np.empty((n, 3), np.int64)
     bin_start = np.empty(nb[0] * nb[1] * nb[2] + 1, np.int64)
@@ -652,7 +716,7 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
     sorted_idx = np.empty(n, np.int64)
     _sort_into_bins(frac, wrapped, nb, atom_bin, bin_start, sorted_pos, sorted_idx)
     ext_start, ext_pos, ext_key = _extend_columns(nb, reach, pbc, cell, bin_start, sorted_pos, sorted_idx, tab_bin,
-                                                  tab_img, img_max, bits)
+                                                  tab_img, wrap, key_off, bits)
     col_d0, col_d1 = _active_columns(frame, extent, nb, reach, pbc, cutoff)
 
     # expected number of pairs (bulk estimate), to size the output once
@@ -660,25 +724,21 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
         expect = np.int64(1.15 * n * n / abs(det) * 4.1888 * cutoff ** 3) + n
     else:
         expect = 16 * n
-    if n_out + expect > out_j.shape[0]:
-        cap = max(n_out + expect, 2 * out_j.shape[0])
-        out_i = _grow(out_i, cap, n_out)
-        out_j = _grow(out_j, cap, n_out)
-        out_s = _grow(out_s, cap, n_out)
+    out_i, out_j, out_s = _ensure_capacity(out_i, out_j, out_s, n_out, expect)
 
     # candidates within a relative 1e-8 of the cutoff are re-tested with the distance computed from the input
     # positions exactly as |pos[j] - pos[i] + S @ cell| (as ASE does), so ties do not depend on the wrapping
     rc2_lo = cutoff * cutoff * (1.0 - 1e-8)
     rc2_hi = cutoff * cutoff * (1.0 + 1e-8)
-    zero_code = (img_max << (2 * bits + 1)) | (img_max << (bits + 1)) | (img_max << 1)
     keys = np.empty(max(256, 4 * expect // n), np.int64)
     scratch = np.empty(keys.shape[0], np.int64)
     bucket = np.empty(keys.shape[0], np.int64)
     counts = np.empty(4 * keys.shape[0] + 1, np.int64)
+    zero = np.int64(0)
     for i in range(n):
         while True:
             count = _row_keys(wrapped[i, 0], wrapped[i, 1], wrapped[i, 2], atom_bin[i, 0], atom_bin[i, 1],
-                              atom_bin[i, 2], cell, pbc, nb, reach, col_d0, col_d1, tab_bin, tab_img, img_max, bits,
+                              atom_bin[i, 2], cell, pbc, nb, reach, col_d0, col_d1, tab_bin, tab_img, bits,
                               ext_start, ext_pos, ext_key, rc2_lo, rc2_hi, keys)
             if count >= 0:
                 break
@@ -687,32 +747,11 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
             bucket = np.empty(keys.shape[0], np.int64)
             counts = np.empty(4 * keys.shape[0] + 1, np.int64)
         _sort_row(keys, count, scratch, counts, bucket)
-        if n_out + count > out_j.shape[0]:
-            cap = max(n_out + count, 2 * out_j.shape[0])
-            out_i = _grow(out_i, cap, n_out)
-            out_j = _grow(out_j, cap, n_out)
-            out_s = _grow(out_s, cap, n_out)
-        # S = image + wrap_i - wrap_j; the self pair (key of j = i at image 0) only with self_interaction
-        self_key = -1 if self_interaction else (np.int64(i) << shift) | zero_code
-        w0 = wrap[i, 0] - img_max
-        w1 = wrap[i, 1] - img_max
-        w2 = wrap[i, 2] - img_max
-        for c in range(count):
-            key = keys[c]
-            if key == self_key:
-                continue
-            j = key >> shift
-            s0 = ((key >> (2 * bits + 1)) & mask) + w0 - wrap[j, 0]
-            s1 = ((key >> (bits + 1)) & mask) + w1 - wrap[j, 1]
-            s2 = ((key >> 1) & mask) + w2 - wrap[j, 2]
-            if key & 1 and not _within(pos, cell, i, j, s0, s1, s2, cutoff):
-                continue
-            out_i[n_out] = i + offset
-            out_j[n_out] = j + offset
-            out_s[n_out, 0] = s0
-            out_s[n_out, 1] = s1
-            out_s[n_out, 2] = s2
-            n_out += 1
+        out_i, out_j, out_s = _ensure_capacity(out_i, out_j, out_s, n_out, count)
+        self_key = -1 if self_interaction else _pair_key(np.int64(i), zero, zero, zero, wrap[i, 0], wrap[i, 1],
+                                                         wrap[i, 2], key_off, bits)
+        n_out = _emit_row(i, keys, count, self_key, wrap, key_off, bits, pos, cell, cutoff, offset, out_i, out_j,
+                          out_s, n_out)
     return out_i, out_j, out_s, n_out, _OK
 
 
