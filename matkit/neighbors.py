@@ -38,9 +38,11 @@ Algorithm (one structure)
    visits one run per column offset (d0, d1). Column offsets whose bins cannot hold a pair within the cutoff
    (exact minimum of the in-plane distance over the two bin ranges) are dropped once per structure.
 5. *Rows.* For each atom ``i`` (in index order) the runs are scanned branch-free (every candidate is written, the
-   count advances only for hits); a hit is one int64 key ``j << (3 bits + 1) | image code << 1 | borderline``. For
-   fixed ``i`` and ``j``, ``S = img + n_i - n_j`` is a constant translation of ``img``, so sorting a row's keys
-   (bucket sort, a few ns per key) gives the documented ``(i, j, S)`` order without any global sort. Candidates
+   count advances only for hits); a hit is one int64 key ``j << (3 bits + 1) | F_0 | F_1 | F_2 | borderline`` with
+   fields ``F_k = img_k - n_j,k + const`` (the neighbour's wrap is folded into the key when the extended columns are
+   built; the images along directions 0, 1 are added per column). ``S = F - const + n_i``, so within a row key order
+   is (j, S) order: sorting a row's keys (bucket sort, a few ns per key) gives the documented ``(i, j, S)`` order
+   without any global sort, and decoding needs no per-neighbour lookups. Candidates
    within a relative 1e-8 of the cutoff are re-tested with the distance computed exactly as ASE does,
    ``|pos[j] - pos[i] + S @ cell|``, so exact ties (lattice vectors equal to the cutoff) follow the input positions
    rather than the wrapping, and agree with :class:`VerletNeighborList`'s filter.
@@ -72,7 +74,7 @@ MAX_IMAGE_BOXES = 50_000_000
 """Refuse searches that would visit more (bin offset) boxes per atom than this (cutoff absurdly large vs cell)."""
 
 # Status codes returned by the kernels (0 = ok).
-_OK, _NONFINITE_POSITIONS, _NONFINITE_CELL, _SINGULAR_CELL, _TOO_MANY_IMAGES, _KEY_OVERFLOW = range(6)
+_OK, _NONFINITE_POSITIONS, _NONFINITE_CELL, _SINGULAR_CELL, _TOO_MANY_IMAGES, _KEY_OVERFLOW, _FAR_POSITIONS = range(7)
 _SINGULAR_TOL = 1e-10  # |volume| / (product of periodic vector lengths) below this: singular
 
 
@@ -179,8 +181,8 @@ def _reach(heights, pbc, cutoff, nb, reach):
     """Bins to search on either side, ``reach`` (3,): ceil(cutoff / bin width), at most nb - 1 when not periodic."""
     for k in range(3):
         reach[k] = 0
-        if heights[k] > 0.0:
-            reach[k] = np.int64(math.ceil(cutoff * nb[k] / heights[k]))
+        if heights[k] > 0.0:  # (capped so that absurd cutoff / cell ratios give a clean error, not an overflow)
+            reach[k] = np.int64(min(math.ceil(cutoff * nb[k] / heights[k]), 1e9))
         if not pbc[k]:
             reach[k] = min(reach[k], nb[k] - 1)
 
@@ -274,6 +276,8 @@ def _fractional(pos, cell, pbc, frame, frac, wrap, wrapped):
             return heights, extent, det, _NONFINITE_POSITIONS
         for k in range(3):
             f = x * inv[0, k] + y * inv[1, k] + z * inv[2, k]
+            if abs(f) > 1e12:
+                return heights, extent, det, _FAR_POSITIONS
             if pbc[k]:
                 fl = math.floor(f)
                 wrap[a, k] = np.int64(fl)
@@ -824,7 +828,9 @@ _MESSAGES = {
     _NONFINITE_CELL: "cell contains NaN or inf along a periodic direction",
     _SINGULAR_CELL: "cell is singular (zero volume) along its periodic directions",
     _TOO_MANY_IMAGES: "cutoff is absurdly large compared with the cell (too many periodic images)",
-    _KEY_OVERFLOW: "too many atoms or periodic images for the int64 pair keys",
+    _KEY_OVERFLOW: "too many atoms, periodic images or cells between atoms for the int64 pair keys (wrap the "
+                   "positions into the cell)",
+    _FAR_POSITIONS: "positions are more than 1e12 cells (or Å along open directions) away from the cell",
 }
 
 

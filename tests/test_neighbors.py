@@ -255,6 +255,10 @@ def test_bad_input_errors():
         batched_neighbor_list(pos, np.stack([cell, np.zeros((3, 3))]), True, [0, 2, 4], 2.0)
     with pytest.raises(ValueError, match="cutoff"):
         VerletNeighborList(-1.0)
+    with pytest.raises(ValueError, match="too many periodic images"):
+        neighbor_list(pos, cell * 1e-6, True, 2.0)
+    with pytest.raises(ValueError, match="away from the cell"):
+        neighbor_list(pos + 1e14, cell, True, 2.0)
 
 
 def test_exact_ties_follow_ase():
