@@ -653,33 +653,54 @@ def _ensure_capacity(out_i, out_j, out_s, n_out, extra):
 
 
 @njit(cache=True)
-def _emit_row(i, keys, count, self_key, wrap, key_off, bits, pos, cell, cutoff, offset, out_i, out_j, out_s, n_out):
-    """Decode the sorted keys of row i into out_i, out_j (+ offset) and out_s from index n_out; returns the new n_out.
-
-    ``S_k = F_k - key_off + wrap_i,k``. ``self_key`` (or -1) is skipped; keys flagged borderline (bit 0) are kept only
-    if :func:`_within` confirms them."""
+def _filter_row(i, keys, count, self_key, wrap, key_off, bits, pos, cell, cutoff, dest, start):
+    """Copy the sorted keys of row i to ``dest[start:]``, without ``self_key`` (or -1) and without borderline keys
+    (bit 0) that :func:`_within` rejects; the flag bit is cleared. Returns the number of keys kept."""
     mask = (1 << bits) - 1
     shift = 3 * bits + 1
-    w0 = wrap[i, 0] - key_off
-    w1 = wrap[i, 1] - key_off
-    w2 = wrap[i, 2] - key_off
+    kept = start
     for c in range(count):
         key = keys[c]
         if key == self_key:
             continue
-        j = key >> shift
-        s0 = ((key >> (2 * bits + 1)) & mask) + w0
-        s1 = ((key >> (bits + 1)) & mask) + w1
-        s2 = ((key >> 1) & mask) + w2
-        if key & 1 and not _within(pos, cell, i, j, s0, s1, s2, cutoff):
-            continue
-        out_i[n_out] = i + offset
-        out_j[n_out] = j + offset
-        out_s[n_out, 0] = s0
-        out_s[n_out, 1] = s1
-        out_s[n_out, 2] = s2
-        n_out += 1
-    return n_out
+        if key & 1:
+            j = key >> shift
+            s0 = ((key >> (2 * bits + 1)) & mask) - key_off + wrap[i, 0]
+            s1 = ((key >> (bits + 1)) & mask) - key_off + wrap[i, 1]
+            s2 = ((key >> 1) & mask) - key_off + wrap[i, 2]
+            if not _within(pos, cell, i, j, s0, s1, s2, cutoff):
+                continue
+            key -= 1
+        dest[kept] = key
+        kept += 1
+    return kept - start
+
+
+@njit(cache=True)
+def _decode_rows(row_start, row_len, wrap, key_off, bits, offset, out_i, out_j, out_s, n_out):
+    """Write the rows, in atom order, from their keys stored in ``out_i`` (row i at ``row_start[i]``, ``row_len[i]``
+    keys) to out_j (+ offset) and out_s from index n_out, then fill out_i. ``S_k = F_k - key_off + wrap_i,k``.
+    Returns the new n_out."""
+    mask = (1 << bits) - 1
+    shift = 3 * bits + 1
+    p = n_out
+    for i in range(row_start.shape[0]):
+        w0 = wrap[i, 0] - key_off
+        w1 = wrap[i, 1] - key_off
+        w2 = wrap[i, 2] - key_off
+        for c in range(row_start[i], row_start[i] + row_len[i]):
+            key = out_i[c]
+            out_j[p] = (key >> shift) + offset
+            out_s[p, 0] = ((key >> (2 * bits + 1)) & mask) + w0
+            out_s[p, 1] = ((key >> (bits + 1)) & mask) + w1
+            out_s[p, 2] = ((key >> 1) & mask) + w2
+            p += 1
+    p = n_out
+    for i in range(row_start.shape[0]):
+        for c in range(row_len[i]):
+            out_i[p] = i + offset
+            p += 1
+    return p
 
 
 @njit(cache=True)
@@ -739,7 +760,13 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
     bucket = np.empty(keys.shape[0], np.int64)
     counts = np.empty(4 * keys.shape[0] + 1, np.int64)
     zero = np.int64(0)
-    for i in range(n):
+    # rows are searched in bin order (neighbouring atoms share bins: cache-friendly whatever the atom order); their
+    # sorted keys are parked in out_i, then decoded in atom order into out_j / out_s, and out_i is filled last
+    row_start = np.empty(n, np.int64)
+    row_len = np.empty(n, np.int64)
+    t = n_out
+    for s in range(n):
+        i = sorted_idx[s]
         while True:
             count = _row_keys(wrapped[i, 0], wrapped[i, 1], wrapped[i, 2], atom_bin[i, 0], atom_bin[i, 1],
                               atom_bin[i, 2], cell, pbc, nb, reach, col_d0, col_d1, tab_bin, tab_img, bits,
@@ -751,11 +778,13 @@ def _structure_pairs(pos, cell, pbc, cutoff, self_interaction, offset, out_i, ou
             bucket = np.empty(keys.shape[0], np.int64)
             counts = np.empty(4 * keys.shape[0] + 1, np.int64)
         _sort_row(keys, count, scratch, counts, bucket)
-        out_i, out_j, out_s = _ensure_capacity(out_i, out_j, out_s, n_out, count)
-        self_key = -1 if self_interaction else _pair_key(np.int64(i), zero, zero, zero, wrap[i, 0], wrap[i, 1],
-                                                         wrap[i, 2], key_off, bits)
-        n_out = _emit_row(i, keys, count, self_key, wrap, key_off, bits, pos, cell, cutoff, offset, out_i, out_j,
-                          out_s, n_out)
+        out_i, out_j, out_s = _ensure_capacity(out_i, out_j, out_s, t, count)
+        self_key = -1 if self_interaction else _pair_key(i, zero, zero, zero, wrap[i, 0], wrap[i, 1], wrap[i, 2],
+                                                         key_off, bits)
+        row_start[i] = t
+        row_len[i] = _filter_row(i, keys, count, self_key, wrap, key_off, bits, pos, cell, cutoff, out_i, t)
+        t += row_len[i]
+    n_out = _decode_rows(row_start, row_len, wrap, key_off, bits, offset, out_i, out_j, out_s, n_out)
     return out_i, out_j, out_s, n_out, _OK
 
 
