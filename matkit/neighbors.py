@@ -37,17 +37,20 @@ Algorithm (one structure)
    image stored with the atom). The ``2 r_2 + 1`` bins around any atom are then one contiguous run, so an atom
    visits one run per column offset (d0, d1). Column offsets whose bins cannot hold a pair within the cutoff
    (exact minimum of the in-plane distance over the two bin ranges) are dropped once per structure.
-5. *Rows.* For each atom ``i`` (in index order) the runs are scanned branch-free (every candidate is written, the
-   count advances only for hits); a hit is one int64 key ``j << (3 bits + 1) | F_0 | F_1 | F_2 | borderline`` with
-   fields ``F_k = img_k - n_j,k + const`` (the neighbour's wrap is folded into the key when the extended columns are
-   built; the images along directions 0, 1 are added per column). ``S = F - const + n_i``, so within a row key order
-   is (j, S) order: sorting a row's keys (bucket sort, a few ns per key) gives the documented ``(i, j, S)`` order
-   without any global sort, and decoding needs no per-neighbour lookups. Candidates
-   within a relative 1e-8 of the cutoff are re-tested with the distance computed exactly as ASE does,
-   ``|pos[j] - pos[i] + S @ cell|``, so exact ties (lattice vectors equal to the cutoff) follow the input positions
-   rather than the wrapping, and agree with :class:`VerletNeighborList`'s filter.
-6. *Output* arrays (int64) are sized from a density estimate (allocated by numpy for large systems: much cheaper page
-   faults than Numba's allocator) and grow geometrically if short.
+5. *Rows.* Atoms are visited in bin order (neighbouring atoms share bins, so this is cache-friendly whatever the
+   atom order). For atom ``i`` the runs are scanned branch-free (every candidate is written, the count advances only
+   for hits); a hit is one int64 key ``j << (3 bits + 1) | F_0 | F_1 | F_2 | borderline`` with fields
+   ``F_k = img_k - n_j,k + const`` (the neighbour's wrap is folded into the key when the extended columns are built;
+   the images along directions 0, 1 are added per column). Since ``S = F - const + n_i``, key order within a row is
+   (j, S) order: sorting the row's keys (bucket sort, a few ns per key) gives the documented ``(i, j, S)`` order
+   without any global sort. Candidates within a relative 1e-8 of the cutoff are re-tested with the distance
+   computed exactly as ASE does, ``|pos[j] - pos[i] + S @ cell|`` (symmetric in i, j to the last bit), so exact ties
+   (lattice vectors equal to the cutoff) follow the input positions, not the wrapping, and agree with
+   :class:`VerletNeighborList`'s filter.
+6. *Output.* The sorted keys of each row are parked in the ``i`` output array, then decoded in atom order into
+   ``j`` and ``S`` (no per-neighbour lookups), and ``i`` is filled last. The int64 outputs are sized from a density
+   estimate (allocated by numpy for large systems: first-touch page faults are much cheaper than with Numba's
+   allocator) and grow geometrically if short.
 
 Cost: O(N) bins and candidates for a fixed density and cutoff, plus O(k) per row of k neighbours for the sort.
 """
@@ -811,28 +814,19 @@ def _batched_pairs(positions, cells, pbcs, ptr, cutoff, self_interaction, out_i,
 
 
 @njit(cache=True)
-def _filter_pairs(positions, cell, i, j, s, cutoff):
-    """Subset of pairs (i, j, s) with |positions[j] + s @ cell - positions[i]| < cutoff (order kept; same test as
-    the borderline re-test of the cell list, so a Verlet list agrees with a fresh list even for exact ties)."""
-    n = i.shape[0]
-    keep = np.empty(n, np.bool_)
-    count = 0
-    for p in range(n):
-        keep[p] = _within(positions, cell, i[p], j[p], s[p, 0], s[p, 1], s[p, 2], cutoff)
-        if keep[p]:
-            count += 1
-    out_i = np.empty(count, np.int64)
-    out_j = np.empty(count, np.int64)
-    out_s = np.empty((count, 3), np.int64)
+def _filter_pairs(positions, cell, i, j, s, cutoff, out_i, out_j, out_s):
+    """Copy the pairs (i, j, s) with |positions[j] + s @ cell - positions[i]| < cutoff to out_i, out_j (>= n,) and
+    out_s (>= n, 3), keeping their order; returns how many. Same test as the borderline re-test of the cell list, so
+    a Verlet list agrees with a fresh list even for exact ties."""
     q = 0
-    for p in range(n):
-        if keep[p]:
+    for p in range(i.shape[0]):
+        if _within(positions, cell, i[p], j[p], s[p, 0], s[p, 1], s[p, 2], cutoff):
             out_i[q] = i[p]
             out_j[q] = j[p]
             for c in range(3):
                 out_s[q, c] = s[p, c]
             q += 1
-    return out_i, out_j, out_s
+    return q
 
 
 @njit(cache=True)
@@ -1049,7 +1043,9 @@ class VerletNeighborList:
         i, j, S = self._pairs
         if self.skin <= 0:
             return i, j, S
-        return _filter_pairs(positions, cell, i, j, S, self.cutoff)
+        out_i, out_j, out_s = np.empty_like(i), np.empty_like(j), np.empty_like(S)  # numpy: cheap page faults
+        n = _filter_pairs(positions, cell, i, j, S, self.cutoff, out_i, out_j, out_s)
+        return out_i[:n], out_j[:n], out_s[:n]
 
 
 _COMPILE_PROBE = """
