@@ -21,6 +21,7 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import resource  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -77,10 +78,11 @@ def make_runners(positions, cell, pbc, cutoff):
 def time_interleaved(runners, budget_s: float, min_repeats: int = 5):
     """Median seconds per call of each runner, timing one call of each in turn until ``budget_s`` is used.
 
-    Every sample records the process CPU time (``time.process_time``) and the wall time (``time.perf_counter``);
-    all libraries run in the calling thread, so CPU time is their work alone and is robust against the machine being
-    shared (time spent descheduled does not count). Calls shorter than ~1 ms are timed in groups (the group's mean
-    is one sample). Returns ({name: {"cpu": s, "wall": s}}, {name: n_samples}).
+    Every sample records the process CPU time, split into user and system time (``getrusage``; system time is
+    mostly first-touch page faults of the output arrays), and the wall time (``time.perf_counter``). All libraries
+    run in the calling thread, so CPU time is their work alone and is robust against the machine being shared (time
+    spent descheduled does not count). Calls shorter than ~1 ms are timed in groups (the group's mean is one sample).
+    Returns ({name: {"cpu": s, "user": s, "sys": s, "wall": s}} of medians, {name: n_samples}).
     """
     group = {}
     for name, fn in runners.items():
@@ -88,18 +90,19 @@ def time_interleaved(runners, budget_s: float, min_repeats: int = 5):
         t0 = time.perf_counter()
         fn()
         group[name] = max(1, int(1e-3 / max(time.perf_counter() - t0, 1e-7)))
-    samples = {name: ([], []) for name in runners}
+    samples = {name: {"cpu": [], "user": [], "sys": [], "wall": []} for name in runners}
     start = time.perf_counter()
-    while time.perf_counter() - start < budget_s or min(len(s[0]) for s in samples.values()) < min_repeats:
+    while time.perf_counter() - start < budget_s or min(len(s["cpu"]) for s in samples.values()) < min_repeats:
         for name, fn in runners.items():
-            c0, w0 = time.process_time(), time.perf_counter()
+            r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
             for _ in range(group[name]):
                 fn()
-            c1, w1 = time.process_time(), time.perf_counter()
-            samples[name][0].append((c1 - c0) / group[name])
-            samples[name][1].append((w1 - w0) / group[name])
-    medians = {name: {"cpu": float(np.median(c)), "wall": float(np.median(w))} for name, (c, w) in samples.items()}
-    return medians, {name: len(c) for name, (c, _) in samples.items()}
+            r1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+            for key, value in (("cpu", user + system), ("user", user), ("sys", system), ("wall", w1 - w0)):
+                samples[name][key].append(value / group[name])
+    medians = {name: {key: float(np.median(v)) for key, v in d.items()} for name, d in samples.items()}
+    return medians, {name: len(d["cpu"]) for name, d in samples.items()}
 
 
 def fmt_time(seconds: float) -> str:
@@ -154,12 +157,13 @@ def main():
             if len(set(counts.values())) != 1:
                 raise RuntimeError(f"pair counts differ on {name}: {counts}")
             pairs = counts["matkit"]
-            budget_here = budget * (3 if len(positions) >= 32000 else 1)
+            budget_here = budget * (5 if len(positions) >= 32000 else 1)
             both, n_samples = time_interleaved(runners, budget_here)
             t = {lib: v["cpu"] for lib, v in both.items()}
             wall = {lib: v["wall"] for lib, v in both.items()}
             row = dict(system=name, n_atoms=len(positions), cutoff=cutoff, pairs=pairs, seconds=t, wall_seconds=wall,
-                       samples=n_samples)
+                       user_seconds={lib: v["user"] for lib, v in both.items()},
+                       sys_seconds={lib: v["sys"] for lib, v in both.items()}, samples=n_samples)
             results.append(row)
             ratio = {lib: t[lib] / t["matkit"] for lib in t}
             wall_ratio = wall.get("vesin(1)", np.nan) / wall["matkit"]
@@ -169,6 +173,11 @@ def main():
                   f"{t['matkit'] / max(pairs, 1) * 1e9:14.0f} {wall_ratio:8.2f}")
         print()
 
+    print("user / system CPU time (median ms) at 32000 atoms; system time = page faults of fresh output memory")
+    for r in results:
+        if r["n_atoms"] >= 32000:
+            print(f"  {r['system']:24s} rc={r['cutoff']}  " + "  ".join(
+                f"{lib} {r['user_seconds'][lib] * 1e3:.0f}/{r['sys_seconds'][lib] * 1e3:.0f}" for lib in r["seconds"]))
     fcc = [r for r in results if r["system"].startswith("fcc_Cu") and r["n_atoms"] >= 864
            and not r["system"].endswith("shuffled")]
     print("scaling (fcc Cu, N >= 864, CPU time): exponent b of t ~ N^b, and ns per directed pair at the largest N")
