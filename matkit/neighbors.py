@@ -538,6 +538,13 @@ def _sort_row(keys, n, scratch, counts, bucket):
 
     scratch, bucket (>= n,) int64 and counts (>= 4n + 1,) int64 are work arrays.
     """
+    ordered = True
+    for a in range(1, n):
+        if keys[a - 1] > keys[a]:
+            ordered = False
+            break
+    if ordered:  # e.g. a single bin: candidates arrive in index order
+        return
     if n <= 16:
         _sort_keys(keys, n, scratch)
         return
