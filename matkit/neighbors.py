@@ -1077,7 +1077,8 @@ def compile_time() -> dict:
     """
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.TemporaryDirectory() as cache_dir:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        python_path = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=python_path)
         runs = []
         for _ in range(2):
             out = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True,
