@@ -163,7 +163,7 @@ def main(argv=None):
             per_batch = r["seconds"] / r["batches"]
             cells = " | ".join(f"{row['steps'][m] * 1e3:.0f} | {per_batch / row['steps'][m]:.2f}" for m in models)
             print(f"| {row['dataset']} | {row['frames']} | {r['batches']} | {row['atoms']:.0f} | {row['edges']:.0f} "
-                  f"| {w} | {r['frames'] / r['seconds']:.0f} | {r['batches'] / r['seconds']:.1f} | "
+                  f"| {w} | {r['frames'] / r['seconds']:.1f} | {r['batches'] / r['seconds']:.1f} | "
                   f"{per_batch * 1e3:.1f} | {cells} |")
     # contention-free view: CPU time of loading (0 workers, all in this process) against CPU time of a step
     print("\nCPU time (process_time; not inflated by other processes): loading without workers vs one step\n")

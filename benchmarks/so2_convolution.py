@@ -352,10 +352,10 @@ def main(argv=None):
 
     ls = [int(v) for v in args.lmax.split(",")]
     mt = args.escn_mmax
+    clock = "process CPU" if args.clock == "cpu" else "wall-clock"
     print(f"E={args.edges} edges, C={args.channels} channels, H={args.hidden or args.channels}, "
           f"{'chiral (all paths)' if args.chiral else 'achiral (parity-even paths)'}, float32, "
-          f"{args.threads} thread(s), device={args.device}; median {'process CPU' if args.clock == 'cpu' else 'wall-clock'}"
-          f" time of repeats after a warm-up; memory = peak "
+          f"{args.threads} thread(s), device={args.device}; median {clock} time of repeats after a warm-up; memory = peak "
           f"{'CUDA allocation' if args.device.startswith('cuda') else 'RSS'} above the process before the inputs",
           flush=True)
     results, checks = {}, {}

@@ -29,9 +29,9 @@ def test_so2_convolution_benchmark_smoke():
 
 
 def test_data_loader_benchmark_smoke():
-    out = run_script("data_loader.py", "--datasets", "acetylacetone_300K", "--max-frames", "16", "--max-atoms", "120",
+    out = run_script("data_loader.py", "--datasets", "mlearn_si", "--max-frames", "8", "--max-atoms", "100",
                      "--workers", "0,1", "--passes", "1", "--steps", "1", "--models", "tensornet")
-    rows = [line for line in out.splitlines() if line.startswith("| acetylacetone_300K | 16 |")]
+    rows = [line for line in out.splitlines() if line.startswith("| mlearn_si | 8 |")]
     assert len(rows) == 2, out  # one row per worker setting
     assert all(float(line.split("|")[-2]) > 0 for line in rows)  # loader/step ratio
     assert "load CPU ms/frame" in out
