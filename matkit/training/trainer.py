@@ -744,6 +744,9 @@ class Trainer:
             paths = self._parity_plots(best)
             if paths:
                 summary["plots"] = [str(p) for p in paths]
+        # all ranks leave together: a rank that tears the process group down while rank 0 is still plotting can
+        # leave rank 0 waiting forever in destroy_process_group (seen with gloo under load)
+        barrier()
         log.info("finished after %d epochs, %d steps; best validation loss %.6g; checkpoints in %s",
                  self.epoch, self.step, self.best_val_loss, self.out_dir)
         return summary
