@@ -12,10 +12,8 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,19 +32,6 @@ def timing_structure(data):
 
     frame = FrameFile(str(ROOT / DATASETS[data])).read_arrays(0)
     return Atoms(numbers=frame["atomic_numbers"], positions=frame["positions"]), "acetylacetone (15 atoms)"
-
-
-def time_energy_forces(calc, atoms, repeats):
-    atoms = atoms.copy()
-    atoms.calc = calc
-    rng = np.random.default_rng(0)
-    times = []
-    for _ in range(repeats + 3):
-        atoms.positions += 0.001 * rng.normal(size=atoms.positions.shape)
-        start = time.perf_counter()
-        atoms.get_forces()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[3:]))
 
 
 def validation_errors(checkpoint, dataset):
@@ -70,7 +55,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matkit.calculator import MatkitCalculator
+    from matkit.calculator import MatkitCalculator, time_energy_forces
     from matkit.potentials import checkpoint_path
 
     torch.set_num_threads(1)
@@ -87,7 +72,7 @@ def main():
             continue
         calc = MatkitCalculator.from_checkpoint(path, dtype="float32")
         errors = validation_errors(path, DATASETS[args.data])
-        seconds = time_energy_forces(calc, atoms, args.repeats)
+        seconds = time_energy_forces(calc, atoms, repeats=args.repeats)
         params = sum(p.numel() for p in calc.model.parameters())
         rows.append((name, params, errors["energy_mae"] * 1e3, errors["forces_mae"] * 1e3, seconds * 1e3))
         print(f"{name:20s} {params:>8d} params  E MAE {rows[-1][2]:7.2f} meV/atom  F MAE {rows[-1][3]:7.1f} meV/Å  "

@@ -6,6 +6,7 @@ vacancy. Without one, the analytic Lennard-Jones argon potential runs the same w
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,6 @@ def run_demo(args) -> int:
     from ase.optimize import FIRE
 
     from matkit.calculator import MatkitCalculator
-
-    import warnings
 
     # scipy's matrix logarithm inside FrechetCellFilter reports ~1e-13 "inaccuracy" on every step: noise
     warnings.filterwarnings("ignore", message="logm result may be inaccurate")

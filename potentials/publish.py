@@ -15,7 +15,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -55,24 +54,6 @@ def timing_structure(species):
     return None, None
 
 
-def time_energy_forces(model, atoms, dtype, repeats=20):
-    import torch
-
-    from matkit.calculator import MatkitCalculator
-
-    torch.set_num_threads(1)
-    atoms = atoms.copy()
-    atoms.calc = MatkitCalculator(model, dtype=dtype)
-    rng = np.random.default_rng(0)
-    times = []
-    for k in range(repeats + 3):
-        atoms.positions += 0.001 * rng.normal(size=atoms.positions.shape)
-        t = time.perf_counter()
-        atoms.get_forces()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[3:]))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name")
@@ -109,10 +90,13 @@ def main(argv=None) -> int:
 
         atoms = Atoms(numbers=frame.atomic_numbers.numpy(), positions=frame.pos.double().numpy())
         label = f"{len(atoms)}-atom molecule from the dataset"
-    t32 = time_energy_forces(model, atoms, "float32")
-    t64 = time_energy_forces(model, atoms, "float64")
-
     import torch
+
+    from matkit.calculator import MatkitCalculator, time_energy_forces
+
+    torch.set_num_threads(1)
+    t32 = time_energy_forces(MatkitCalculator(model, dtype="float32"), atoms)
+    t64 = time_energy_forces(MatkitCalculator(model, dtype="float64"), atoms)
 
     n_params = sum(p.numel() for p in model.parameters())
     log = (run / "train.log").read_text().splitlines() if (run / "train.log").exists() else []
