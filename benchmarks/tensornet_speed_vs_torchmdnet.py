@@ -35,21 +35,30 @@ def si(n_cells):
     return atoms
 
 
-def median_times(calc, atoms, props, repeats):
+def median_times(calc, atoms, modes, repeats):
+    """Median (wall, CPU) seconds per call for each mode in ``modes`` ({name: properties}).
+
+    The modes are called in turn (EF, EFS, EF, EFS, ...), so allocator warm-up and machine-load drifts hit them
+    alike and the stress overhead EFS/EF is not an artefact of the order of measurement.
+    """
     import statistics
 
     from ase.calculators.calculator import all_changes
 
-    calc.calculate(atoms, props, all_changes)
-    wall, cpu, sign = [], [], 1.0
-    for _ in range(repeats):
-        atoms.positions += sign * 1e-4
-        sign = -sign
-        t, c = time.perf_counter(), time.process_time()
+    for props in modes.values():
         calc.calculate(atoms, props, all_changes)
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return statistics.median(wall), statistics.median(cpu)
+    wall = {m: [] for m in modes}
+    cpu = {m: [] for m in modes}
+    sign = 1.0
+    for _ in range(repeats):
+        for mode, props in modes.items():
+            atoms.positions += sign * 1e-4
+            sign = -sign
+            t, c = time.perf_counter(), time.process_time()
+            calc.calculate(atoms, props, all_changes)
+            wall[mode].append(time.perf_counter() - t)
+            cpu[mode].append(time.process_time() - c)
+    return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in modes}
 
 
 def worker(side: str, sizes, md_steps: int) -> None:
@@ -82,12 +91,11 @@ def worker(side: str, sizes, md_steps: int) -> None:
             return calc
     for n in sizes:
         atoms = si(n)
-        for mode, props in (("EF", ["energy", "forces"]), ("EFS", ["energy", "forces", "stress"])):
-            if mode == "EFS" and side != "ours":
-                continue
-            calc = make(0.0)
-            repeats = 7 if len(atoms) <= 512 else 3
-            wall, cpu = median_times(calc, atoms, props, repeats)
+        modes = {"EF": ["energy", "forces"]}
+        if side == "ours":  # torchmd-net's calculator has no stress
+            modes["EFS"] = ["energy", "forces", "stress"]
+        repeats = 9 if len(atoms) <= 512 else 3
+        for mode, (wall, cpu) in median_times(make(0.0), atoms, modes, repeats).items():
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print("RESULT " + json.dumps(dict(system=f"Si{len(atoms)}", mode=mode, wall=wall, cpu=cpu, rss=rss)),
                   flush=True)
@@ -117,11 +125,23 @@ def run(side, python, sizes, md_steps):
     return {(r["system"], r["mode"]): r for r in rows}
 
 
+def average_rounds(rounds):
+    """Mean over rounds of each (system, mode) row's wall / CPU medians; peak RSS is the maximum."""
+    merged = {}
+    for key in {k for r in rounds for k in r}:
+        rows = [r[key] for r in rounds if key in r]
+        merged[key] = dict(rows[0], wall=sum(r["wall"] for r in rows) / len(rows),
+                           cpu=sum(r["cpu"] for r in rows) / len(rows), rss=max(r["rss"] for r in rows))
+    return merged
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default="2,4,6", help="Si supercells n (8 n^3 atoms)")
     parser.add_argument("--md-steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="ours and the peer run alternately this many times; per-round medians are averaged")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.worker:
@@ -129,9 +149,14 @@ def main(argv=None):
         return
     from model_specs import tensornet as spec
 
-    ours = run("ours", sys.executable, sizes, args.md_steps)
-    peer = run("peer", spec.PEER_PYTHON, sizes, args.md_steps)
-    print(f"matkit TensorNet vs {spec.PEER}; 1 thread; ms per call (MD: per step); ratio = peer / ours")
+    rounds = {"ours": [], "peer": []}
+    for _ in range(max(1, args.rounds)):  # alternate the sides so a drift in machine load hits both
+        rounds["ours"].append(run("ours", sys.executable, sizes, args.md_steps))
+        rounds["peer"].append(run("peer", spec.PEER_PYTHON, sizes, args.md_steps))
+    ours, peer = average_rounds(rounds["ours"]), average_rounds(rounds["peer"])
+    print(f"matkit TensorNet vs {spec.PEER}; 1 thread; {args.rounds} alternating rounds; "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')} (same for both sides); "
+          f"ms per call (MD: per step); ratio = peer / ours")
     print("| system | mode | ours wall | peer wall | wall ratio | ours CPU | peer CPU | CPU ratio | ours MB | peer MB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in sorted(set(ours) | set(peer), key=lambda k: (int(k[0][2:]), k[1])):

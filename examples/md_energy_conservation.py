@@ -57,9 +57,12 @@ def main():
     plt.xlabel("time (ps)")
     plt.ylabel("E_total - E_0 (meV/atom)")
     plt.title(f"{args.potential}, NVE, drift {drift:+.1e} eV/atom/ps")
+    trace = out / f"nve_energy_{args.potential}.csv"
+    np.savetxt(trace, np.column_stack([t, e, temp]), delimiter=",", header="time_ps,total_energy_eV_per_atom,T_K",
+               comments="")
     plot = out / f"nve_energy_{args.potential}.png"
     plt.savefig(plot, dpi=120)
-    print(f"plot: {plot}")
+    print(f"plot: {plot}; trace: {trace}")
 
 
 if __name__ == "__main__":

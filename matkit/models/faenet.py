@@ -66,6 +66,107 @@ def polynomial_envelope(distance: torch.Tensor, cutoff: float, p: int = 5) -> to
     return env * (distance < cutoff)
 
 
+def _edge_chunk(frames: int, channels: int) -> int:
+    """Edges per chunk of the fused message op (a (chunk, channels) block of 128k numbers)."""
+    return max(32, (1 << 17) // max(channels, 1))
+
+
+_WORKSPACE: dict = {}
+
+
+def _buffers(count: int, numel: int, dtype, device):
+    """``count`` flat scratch tensors of at least ``numel`` elements, kept between calls.
+
+    Large fresh tensors are returned to the OS when freed and page-faulted in again on the next call, which on
+    virtual machines can cost more than the arithmetic; reusing a few chunk-sized buffers avoids that.
+    """
+    key = (dtype, device)
+    bufs = _WORKSPACE.get(key)
+    if bufs is None or len(bufs) < count or bufs[0].numel() < numel:
+        numel = max(numel, bufs[0].numel() if bufs else 0)
+        bufs = [torch.empty(numel, dtype=dtype, device=device) for _ in range(max(count, len(bufs or ())))]
+        _WORKSPACE[key] = bufs
+    return bufs[:count]
+
+
+class _FilteredMessages(torch.autograd.Function):
+    """``m[:, i] = sum_{e: dst_e = i} x[:, src_e] * SiLU(edge_feat[:, e] W^T + b) * env_e`` for all frames.
+
+    x (K, N, F) neighbour features, edge_feat (K, E, Fe), weight (F, Fe), bias (F,), env (E,) -> (K, N, F).
+    Forward and backward run frame by frame over chunks of edges in reused scratch buffers, so no (K, E, F)
+    filter or message tensor is ever stored (the filter is recomputed in the backward pass). First-order
+    differentiable only: models use it outside training, where force losses need a second backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, x, edge_feat, weight, bias, env, src, dst):
+        num_edges, f = src.shape[0], x.shape[2]
+        step = min(_edge_chunk(x.shape[0], f), num_edges)
+        pre, gathered, filt = _buffers(3, step * f, x.dtype, x.device)
+        out = torch.zeros_like(x)
+        weight_t = weight.t()
+        for k in range(x.shape[0]):
+            xk, ek, outk = x[k], edge_feat[k], out[k]
+            for start in range(0, num_edges, step):
+                stop = min(start + step, num_edges)
+                n = stop - start
+                p, xs, fl = pre[:n * f].view(n, f), gathered[:n * f].view(n, f), filt[:n * f].view(n, f)
+                torch.addmm(bias, ek[start:stop], weight_t, out=p)
+                torch.ops.aten.silu.out(p, out=fl)
+                fl.mul_(env[start:stop, None])
+                torch.index_select(xk, 0, src[start:stop], out=xs)
+                fl.mul_(xs)
+                outk.index_add_(0, dst[start:stop], fl)
+        ctx.save_for_backward(x, edge_feat, weight, bias, env, src, dst)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, edge_feat, weight, bias, env, src, dst = ctx.saved_tensors
+        need_x, need_e, need_w, need_b, need_env = ctx.needs_input_grad[:5]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_e = torch.empty_like(edge_feat) if need_e else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        grad_env = torch.zeros_like(env) if need_env else None
+        grad_out = grad_out.contiguous()
+        num_edges, f = src.shape[0], x.shape[2]
+        step = min(_edge_chunk(x.shape[0], f), num_edges)
+        bufs = _buffers(4, step * f, x.dtype, x.device)
+        weight_t = weight.t()
+        for k in range(x.shape[0]):
+            xk, ek, gk = x[k], edge_feat[k], grad_out[k]
+            for start in range(0, num_edges, step):
+                stop = min(start + step, num_edges)
+                n = stop - start
+                p, fl, g, t = (b[:n * f].view(n, f) for b in bufs)
+                envc = env[start:stop, None]
+                torch.addmm(bias, ek[start:stop], weight_t, out=p)
+                torch.ops.aten.silu.out(p, out=fl)                         # the filter, recomputed
+                torch.index_select(gk, 0, dst[start:stop], out=g)          # dL/dm at the centres
+                if need_x:
+                    torch.mul(g, fl, out=t)
+                    t.mul_(envc)
+                    grad_x[k].index_add_(0, src[start:stop], t)
+                torch.index_select(xk, 0, src[start:stop], out=t)
+                g.mul_(t)                                                  # g <- dL/d(filter * env)
+                if need_env:
+                    torch.mul(g, fl, out=t)
+                    grad_env[start:stop] += t.sum(dim=1)
+                if need_e or need_w or need_b:
+                    g.mul_(envc)                                           # g <- dL/d filter
+                    torch.ops.aten.silu_backward.grad_input(g, p, grad_input=t)
+                    g = t                                                  # dL/d pre
+                    if need_e:
+                        torch.mm(g, weight, out=grad_e[k, start:stop])
+                    if need_w:
+                        grad_w.addmm_(g.t(), ek[start:stop])
+                    if need_b:
+                        grad_b += g.sum(dim=0)
+        return grad_x, grad_e, grad_w, grad_b, grad_env, None, None
+
+
 class Interaction(nn.Module):
     """FAENet "updownscale" interaction with residual update."""
 
@@ -75,12 +176,17 @@ class Interaction(nn.Module):
         self.edge = nn.Linear(filters, filters)
         self.up = nn.Linear(filters, hidden)
 
+    def messages(self, x, edge_feat, envelope, src, dst):
+        """Sum over edges of ``x[:, src] * SiLU(W_e edge_feat) * envelope`` at ``dst``: (K, N, filters)."""
+        if not self.training and x.shape[1] and src.numel():
+            return _FilteredMessages.apply(x, edge_feat, self.edge.weight, self.edge.bias, envelope, src, dst)
+        filt = torch.nn.functional.silu(self.edge(edge_feat)) * envelope[None, :, None]
+        return torch.zeros_like(x).index_add(1, dst, x.index_select(1, src) * filt)
+
     def forward(self, h, edge_feat, envelope, src, dst, inv_avg_neighbors):
         """h (K, N, F); edge_feat (K, E, filters); envelope (E,) smooth cutoff weight of each edge."""
-        hj = torch.nn.functional.silu(self.down(h))[:, src]
-        messages = hj * torch.nn.functional.silu(self.edge(edge_feat)) * envelope[None, :, None]
-        m = torch.zeros(h.shape[0], h.shape[1], messages.shape[-1], dtype=h.dtype, device=h.device)
-        m = m.index_add(1, dst, messages) * inv_avg_neighbors
+        x = torch.nn.functional.silu(self.down(h))
+        m = self.messages(x, edge_feat, envelope, src, dst) * inv_avg_neighbors
         return h + torch.nn.functional.silu(self.up(torch.nn.functional.silu(m)))
 
 
@@ -138,21 +244,40 @@ class FAENet(Potential):
                        self.group_embedding(self.group[species])], dim=-1)
         return torch.nn.functional.silu(self.node_mlp(h))
 
-    def embed_edges(self, local_vec, distance):
-        """local_vec (K, E, 3) in frame coordinates; distance (E,)."""
-        rbf = gaussian_rbf(distance, self.cutoff, self.num_gaussians).expand(local_vec.shape[0], -1, -1)
-        e = torch.nn.functional.silu(torch.cat([self.edge_vec(local_vec), self.edge_rbf(rbf)], dim=-1))
-        return torch.nn.functional.silu(self.edge_mlp(e))
+    def radial_edge_term(self, distance):
+        """Frame-independent part of the edge MLP's pre-activation: (E,) Å -> (E, filters).
 
-    def node_features(self, graph, species, edge_vec, frames):
+        The edge MLP acts on ``SiLU([W_r r | W_d RBF(d)])``; its linear layer splits into a direction term that
+        changes with the frame and this distance term (plus bias) that does not, so it is computed once for all
+        frames.
+        """
+        radial = torch.nn.functional.silu(self.edge_rbf(gaussian_rbf(distance, self.cutoff, self.num_gaussians)))
+        half = self.edge_vec.out_features
+        return torch.nn.functional.linear(radial, self.edge_mlp.weight[:, half:], self.edge_mlp.bias)
+
+    def embed_edges(self, local_vec, radial_term):
+        """local_vec (K, E, 3) in frame coordinates; radial_term (E, filters) from :meth:`radial_edge_term`."""
+        direction = torch.nn.functional.silu(self.edge_vec(local_vec))
+        half = self.edge_vec.out_features
+        pre = torch.matmul(direction, self.edge_mlp.weight[:, :half].t()) + radial_term
+        return torch.nn.functional.silu(pre)
+
+    def edge_invariants(self, edge_vec):
+        """Frame-independent edge quantities, computed once per call: (distance (E,), radial features, envelope)."""
+        distance = edge_vec.norm(dim=-1) if edge_vec.shape[0] else edge_vec.new_zeros(0)
+        return distance, self.radial_edge_term(distance), polynomial_envelope(distance, self.cutoff)
+
+    def node_features(self, graph, species, edge_vec, frames, invariants=None):
         """Per-frame, per-layer node features: list of (K, N, hidden)."""
         batch = graph_batch_vector(graph)
         src, dst = graph.edge_index[0], graph.edge_index[1]
-        rot = frames.rotations[:, batch[dst]] if src.numel() else frames.rotations[:, :0]  # (K, E, 3, 3)
-        local = torch.einsum("ei,keij->kej", edge_vec, rot)
-        distance = edge_vec.norm(dim=-1) if src.numel() else edge_vec.new_zeros(0)
-        edge_feat = self.embed_edges(local, distance)
-        envelope = polynomial_envelope(distance, self.cutoff)
+        if frames.rotations.shape[1] == 1:  # one structure: one (3, 3) matrix per frame
+            local = torch.matmul(edge_vec, frames.rotations[:, 0])
+        else:
+            rot = frames.rotations[:, batch[dst]] if src.numel() else frames.rotations[:, :0]  # (K, E, 3, 3)
+            local = torch.einsum("ei,keij->kej", edge_vec, rot)
+        _, radial, envelope = invariants if invariants is not None else self.edge_invariants(edge_vec)
+        edge_feat = self.embed_edges(local, radial)
         h = self.embed_nodes(species).expand(frames.num_frames, -1, -1)
         layers = []
         for interaction in self.interactions:
@@ -162,11 +287,12 @@ class FAENet(Potential):
 
     def raw_atomic_energies(self, graph, species, edge_vec):
         frames = self.frames(graph, edge_vec)
+        invariants = self.edge_invariants(edge_vec)
         total = 0.0
         # frames are evaluated in chunks: smaller (chunk, E, F) tensors stay in cache and in the malloc heap
         for start in range(0, frames.num_frames, self.frame_chunk):
             chunk = FrameSet(frames.rotations[start:start + self.frame_chunk], frames.degenerate)
-            layers = self.node_features(graph, species, edge_vec, chunk)
+            layers = self.node_features(graph, species, edge_vec, chunk, invariants)
             per_layer = torch.cat([head(h) for head, h in zip(self.heads, layers)], dim=-1)  # (k, N, L)
             total = total + self.skip(per_layer).squeeze(-1).sum(dim=0)
         return total / frames.num_frames
