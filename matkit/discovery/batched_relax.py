@@ -27,7 +27,7 @@ import torch
 
 from torch_geometric.data import Batch
 
-from ..neighbors import neighbor_list
+from ..neighbors import batched_neighbor_list
 from .relax import RelaxResult, RelaxSettings
 
 __all__ = ["BatchedRelaxer", "batched_relax"]
@@ -256,9 +256,13 @@ class BatchedRelaxer:
             return
         ptr = pool.ptr
         pos_np, cell_np = positions.cpu().numpy(), cells.cpu().numpy()
-        lists = []
-        for b in slots:
-            lists.append(neighbor_list(pos_np[ptr[b]:ptr[b + 1]], cell_np[b], pool.pbc[b], cutoff + self.skin))
+        blocks = [pos_np[ptr[b]:ptr[b + 1]] for b in slots]
+        # one Numba call for all stale structures; indices come back global to the concatenated blocks
+        i, j, S, counts = batched_neighbor_list(blocks, cell_np[slots], np.asarray(pool.pbc)[slots],
+                                                cutoff=cutoff + self.skin)
+        offsets = np.repeat(np.cumsum([0] + [len(x) for x in blocks[:-1]]), counts)
+        split = np.cumsum(counts)[:-1]
+        lists = list(zip(np.split(i - offsets, split), np.split(j - offsets, split), np.split(S, split)))
         self.n_neighbor_builds += len(slots)
         pool.replace_edges(slots, lists)
         atom_stale = stale[seg]
