@@ -17,7 +17,10 @@ frame-averaged energy (including the derivative of the frames, see frame_averagi
 is available with ``direct_forces=True`` through :meth:`FAENet.direct_forces`; it is NOT conservative, only
 reported, never used by the calculator.
 
-All frames of a batch are evaluated in one pass: tensors carry a leading frame dimension K.
+Tensors carry a leading frame dimension K; frames are evaluated ``frame_chunk`` at a time (1 by default). At
+inference (``model.eval()``) each interaction's filter-and-message step runs as one fused, edge-chunked op
+(:class:`_FilteredMessages`) that never stores per-edge filter or message tensors; training uses plain autograd ops
+(force losses need a second backward pass), and a test checks that both give the same energies, forces and stress.
 """
 from __future__ import annotations
 
