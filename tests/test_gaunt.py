@@ -283,6 +283,21 @@ def test_gradcheck(route):
     assert tp.weight1.grad is not None and tp.weight1.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("route", ROUTES, ids=ROUTE_IDS)
+def test_single_channel_second_input_is_shared_by_all_channels(route):
+    """x2 with one channel (e.g. edge spherical harmonics) equals that channel repeated for every channel."""
+    method, backend = route
+    tp = GauntTensorProduct(2, 2, 2, method, channels=3, fourier_backend=backend).double()
+    with torch.no_grad():
+        tp.weight2.uniform_(0.5, 1.5)
+    g = torch.Generator().manual_seed(4)
+    x1 = torch.randn(5, 3, 9, dtype=F64, generator=g)
+    x2 = torch.randn(5, 1, 9, dtype=F64, generator=g)
+    _assert_close(tp(x1, x2), tp(x1, x2.expand(5, 3, 9)), rel=1e-14)
+    with pytest.raises(ValueError, match="one channel shared"):
+        tp(x1, torch.randn(5, 2, 9, dtype=F64))
+
+
 # ---- cached conversion matrices ------------------------------------------------------------------------------------
 def test_conversion_matrices_are_cached(monkeypatch):
     """A second construction reuses the cached e3nn-derived matrices: no spherical harmonics evaluated again."""

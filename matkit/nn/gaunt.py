@@ -663,8 +663,11 @@ class GauntTensorProduct(torch.nn.Module):
     def _weighted(self, x, lmax, name, own, extra):
         _features_first(x, lmax, name)  # validates
         if own is not None:
-            if x.dim() < 2 or x.shape[-2] != self.channels:
-                raise ValueError(f"{name} must have shape (..., {self.channels}, {_num_sh(lmax)}), got {tuple(x.shape)}")
+            if x.dim() < 2 or x.shape[-2] not in (1, self.channels):
+                raise ValueError(f"{name} must have shape (..., {self.channels}, {_num_sh(lmax)}) or (..., 1, "
+                                 f"{_num_sh(lmax)}) (one channel shared by all), got {tuple(x.shape)}")
+            if x.shape[-2] == 1:  # e.g. edge spherical harmonics, the same for every channel
+                x = x.expand(*x.shape[:-2], self.channels, x.shape[-1])
             x = scale_degrees(x, own.to(x.dtype))
         if extra is not None:
             x = scale_degrees(x, extra.to(x.dtype))
