@@ -125,7 +125,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | training data | `{dataset}`: {source} |
 | split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: a seeded random 10 % validation split held out of training (seed 0). No separate test split exists for this data, so these are validation errors, not test errors. |
 | energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)} |
-| training | {meta.get('epoch', 0) + 1} epochs (best validation loss at step {meta.get('step')}), AdamW, cosine schedule, EMA weights; CPU, float32, 1 thread. {wall.split('INFO ')[-1] if wall else ''} |
+| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}), AdamW, cosine schedule, EMA weights; CPU, float32, 1 thread. {wall.split('INFO ')[-1] if wall else ''} |
 | forces / stress | conservative: autograd of the energy (positions and a symmetric strain) |
 | weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; loads with `weights_only=True`) |
 | license | weights: same terms as the training data ({source.split(';')[-1].strip()}); code: MIT |
