@@ -6,6 +6,12 @@ physical model of these oxides/intermetallics; the relaxations are long, 30-150 
 throughput test needs.) Structures: the first N MP-20 crystals of shared/data/cdvae_mp20_subset (val, then train).
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python examples/discovery_batched_benchmark.py --n 100
+
+With ``--potential NAME`` the model is a bundled Si potential instead (e.g. ``tensornet-si``) and the structures are
+small strained and rattled diamond-Si cells (2-16 atoms, Matbench-like sizes; see ``potential_workload``):
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python examples/discovery_batched_benchmark.py --n 100 --potential tensornet-si \
+        --out examples/results/discovery_batched_benchmark_tensornet_si.json
 """
 from __future__ import annotations
 
@@ -28,16 +34,49 @@ from matkit.discovery.relax import relax_atoms
 DATA = Path("/work/shared/data/cdvae_mp20_subset")
 
 
+def potential_workload(name: str, n: int, seed: int = 0):
+    """``n`` small Si cells and the bundled Si potential ``name``.
+
+    Matbench-like sizes (2-16 atoms): diamond Si as the 2-atom primitive cell, the 8-atom cubic cell or 2x1x1 /
+    2x2x1 supercells of the primitive cell, each with a random strain of up to ±3 % and a 0.05 Å rattle (seeded).
+    """
+    from ase.build import bulk
+
+    from matkit.checkpoint import load_checkpoint
+    from matkit.potentials import checkpoint_path
+
+    model = load_checkpoint(checkpoint_path(name))
+    if 14 not in model.species:
+        raise SystemExit(f"--potential {name}: this workload is silicon; the potential covers {model.species}")
+    rng = np.random.default_rng(seed)
+    shapes = [("primitive", (1, 1, 1)), ("cubic", (1, 1, 1)), ("primitive", (2, 1, 1)), ("primitive", (2, 2, 1)),
+              ("primitive", (2, 2, 2))]
+    atoms = []
+    for k in range(n):
+        kind, repeat = shapes[k % len(shapes)]
+        a = bulk("Si", "diamond", a=5.43, cubic=kind == "cubic").repeat(repeat)
+        strain = np.eye(3) + rng.uniform(-0.03, 0.03, size=(3, 3))
+        a.set_cell(a.cell.array @ (strain + strain.T) / 2, scale_atoms=True)
+        a.positions += rng.normal(scale=0.05, size=a.positions.shape)
+        atoms.append(a)
+    return atoms, model, f"{name} (bundled potential), {n} strained and rattled diamond-Si cells of 2-16 atoms"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--dtype", default="float64")
+    parser.add_argument("--potential", default=None, help="bundled potential (default: the LJ model on MP-20)")
     parser.add_argument("--out", type=Path, default=Path("examples/results/discovery_batched_benchmark.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    pairs = read_structures(DATA / "val.csv") + read_structures(DATA / "train.csv", limit=max(0, args.n - 123))
-    atoms = [a for _, a in pairs[:args.n]]
-    model = matkit.build("lj", sigma=2.0, epsilon=0.05, rc=5.0, smooth=True)
+    if args.potential:
+        atoms, model, model_name = potential_workload(args.potential, args.n)
+    else:
+        pairs = read_structures(DATA / "val.csv") + read_structures(DATA / "train.csv", limit=max(0, args.n - 123))
+        atoms = [a for _, a in pairs[:args.n]]
+        model = matkit.build("lj", sigma=2.0, epsilon=0.05, rc=5.0, smooth=True)
+        model_name = "LJ smooth cutoff sigma=2.0 epsilon=0.05 rc=5.0 (all elements)"
 
     calc = MatkitCalculator(model, dtype=args.dtype)
     start = time.perf_counter()
@@ -60,7 +99,7 @@ def main(argv=None):
     steps_res = np.array([r.n_steps for r in res])
     summary = {
         "structures": len(atoms), "atoms_total": int(n_atoms.sum()), "dtype": args.dtype,
-        "model": "LJ smooth cutoff sigma=2.0 epsilon=0.05 rc=5.0 (all elements)",
+        "model": model_name,
         "ase_path_s": round(t_ase, 2), "batched_s": round(t_batched, 2), "speedup": round(t_ase / t_batched, 2),
         "batched_skin0_s": round(t_batched_no_skin, 2), "speedup_skin0": round(t_ase / t_batched_no_skin, 2),
         "max_abs_energy_diff_eV_per_atom": float(de.max()),
