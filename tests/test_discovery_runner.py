@@ -141,8 +141,11 @@ def test_batched_process_pool_matches_reference(tmp_path, lj_checkpoint, referen
     assert (merged["n_steps"] == reference_run["n_steps"]).all()
 
 
-def test_ray_backend_two_workers(tmp_path, lj_checkpoint, reference_run):
+def test_ray_backend_two_workers(tmp_path, lj_checkpoint, reference_run, monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is not installed (optional extra: pip install 'matkit[ray]')")
+    # Ray runs its workers at niceness 15 by default; next to the other pytest-xdist worker on a 2-core CI box they
+    # would get almost no CPU and this test would take many minutes
+    monkeypatch.setenv("RAY_worker_niceness", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         counts = run(MP20, tmp_path / "run", lj_checkpoint, n_shards=N_SHARDS, workers=2, backend="ray",
