@@ -133,3 +133,28 @@ def test_fused_messages_gradcheck():
     env = torch.rand(e, dtype=torch.float64, requires_grad=True)
     src, dst = torch.randint(n, (e,)), torch.randint(n, (e,))
     assert torch.autograd.gradcheck(lambda *a: _FilteredMessages.apply(*a, src, dst), (x, edge_feat, weight, bias, env))
+
+
+def test_fused_messages_are_thread_safe():
+    """Two threads evaluating FAENet at once get the same forces as one thread (scratch buffers are per thread)."""
+    import threading
+
+    torch.manual_seed(0)
+    model = matkit.build("faenet", species=SPECIES, cutoff=4.0, **SMALL).double().eval()
+    model.scale.fill_(1000.0)
+    graphs = [atoms_to_graph(periodic_structure(seed), 4.0, dtype=torch.float64) for seed in (5, 6)]
+    expected = [model.compute(g)["forces"] for g in graphs]
+    results = {}
+
+    def work(k):
+        for _ in range(4):
+            results.setdefault(k, []).append(model.compute(graphs[k])["forces"])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in (0, 1):
+        for forces in results[k]:
+            torch.testing.assert_close(forces, expected[k], rtol=0, atol=1e-12)

@@ -25,6 +25,7 @@ inference (``model.eval()``) each interaction's filter-and-message step runs as 
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import torch
@@ -74,7 +75,7 @@ def _edge_chunk(frames: int, channels: int) -> int:
     return max(32, (1 << 17) // max(channels, 1))
 
 
-_WORKSPACE: dict = {}
+_WORKSPACE = threading.local()  # per thread: two threads evaluating FAENet must not share scratch buffers
 
 
 def _buffers(count: int, numel: int, dtype, device):
@@ -83,12 +84,13 @@ def _buffers(count: int, numel: int, dtype, device):
     Large fresh tensors are returned to the OS when freed and page-faulted in again on the next call, which on
     virtual machines can cost more than the arithmetic; reusing a few chunk-sized buffers avoids that.
     """
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
     key = (dtype, device)
-    bufs = _WORKSPACE.get(key)
+    bufs = cache.get(key)
     if bufs is None or len(bufs) < count or bufs[0].numel() < numel:
         numel = max(numel, bufs[0].numel() if bufs else 0)
         bufs = [torch.empty(numel, dtype=dtype, device=device) for _ in range(max(count, len(bufs or ())))]
-        _WORKSPACE[key] = bufs
+        cache[key] = bufs
     return bufs[:count]
 
 
