@@ -94,6 +94,22 @@ def _buffers(count: int, numel: int, dtype, device):
     return bufs[:count]
 
 
+def _edge_blocks(x: torch.Tensor, src: torch.Tensor, count: int):
+    """Frame-by-frame, chunk-by-chunk iteration for :class:`_FilteredMessages`.
+
+    Yields ``(k, start, stop, views)``: frame k, edges start:stop and ``count`` (stop - start, F) views into the
+    calling thread's scratch buffers.
+    """
+    num_edges, f = src.shape[0], x.shape[2]
+    step = min(_edge_chunk(x.shape[0], f), num_edges)
+    bufs = _buffers(count, step * f, x.dtype, x.device)
+    for k in range(x.shape[0]):
+        for start in range(0, num_edges, step):
+            stop = min(start + step, num_edges)
+            n = stop - start
+            yield k, start, stop, [b[:n * f].view(n, f) for b in bufs]
+
+
 class _FilteredMessages(torch.autograd.Function):
     """``m[:, i] = sum_{e: dst_e = i} x[:, src_e] * SiLU(edge_feat[:, e] W^T + b) * env_e`` for all frames.
 
@@ -105,23 +121,15 @@ class _FilteredMessages(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, edge_feat, weight, bias, env, src, dst):
-        num_edges, f = src.shape[0], x.shape[2]
-        step = min(_edge_chunk(x.shape[0], f), num_edges)
-        pre, gathered, filt = _buffers(3, step * f, x.dtype, x.device)
         out = torch.zeros_like(x)
         weight_t = weight.t()
-        for k in range(x.shape[0]):
-            xk, ek, outk = x[k], edge_feat[k], out[k]
-            for start in range(0, num_edges, step):
-                stop = min(start + step, num_edges)
-                n = stop - start
-                p, xs, fl = pre[:n * f].view(n, f), gathered[:n * f].view(n, f), filt[:n * f].view(n, f)
-                torch.addmm(bias, ek[start:stop], weight_t, out=p)
-                torch.ops.aten.silu.out(p, out=fl)
-                fl.mul_(env[start:stop, None])
-                torch.index_select(xk, 0, src[start:stop], out=xs)
-                fl.mul_(xs)
-                outk.index_add_(0, dst[start:stop], fl)
+        for k, start, stop, (p, xs, fl) in _edge_blocks(x, src, 3):
+            torch.addmm(bias, edge_feat[k, start:stop], weight_t, out=p)
+            torch.ops.aten.silu.out(p, out=fl)
+            fl.mul_(env[start:stop, None])
+            torch.index_select(x[k], 0, src[start:stop], out=xs)
+            fl.mul_(xs)
+            out[k].index_add_(0, dst[start:stop], fl)
         ctx.save_for_backward(x, edge_feat, weight, bias, env, src, dst)
         return out
 
@@ -136,39 +144,31 @@ class _FilteredMessages(torch.autograd.Function):
         grad_b = torch.zeros_like(bias) if need_b else None
         grad_env = torch.zeros_like(env) if need_env else None
         grad_out = grad_out.contiguous()
-        num_edges, f = src.shape[0], x.shape[2]
-        step = min(_edge_chunk(x.shape[0], f), num_edges)
-        bufs = _buffers(4, step * f, x.dtype, x.device)
         weight_t = weight.t()
-        for k in range(x.shape[0]):
-            xk, ek, gk = x[k], edge_feat[k], grad_out[k]
-            for start in range(0, num_edges, step):
-                stop = min(start + step, num_edges)
-                n = stop - start
-                p, fl, g, t = (b[:n * f].view(n, f) for b in bufs)
-                envc = env[start:stop, None]
-                torch.addmm(bias, ek[start:stop], weight_t, out=p)
-                torch.ops.aten.silu.out(p, out=fl)                         # the filter, recomputed
-                torch.index_select(gk, 0, dst[start:stop], out=g)          # dL/dm at the centres
-                if need_x:
-                    torch.mul(g, fl, out=t)
-                    t.mul_(envc)
-                    grad_x[k].index_add_(0, src[start:stop], t)
-                torch.index_select(xk, 0, src[start:stop], out=t)
-                g.mul_(t)                                                  # g <- dL/d(filter * env)
-                if need_env:
-                    torch.mul(g, fl, out=t)
-                    grad_env[start:stop] += t.sum(dim=1)
-                if need_e or need_w or need_b:
-                    g.mul_(envc)                                           # g <- dL/d filter
-                    torch.ops.aten.silu_backward.grad_input(g, p, grad_input=t)
-                    g = t                                                  # dL/d pre
-                    if need_e:
-                        torch.mm(g, weight, out=grad_e[k, start:stop])
-                    if need_w:
-                        grad_w.addmm_(g.t(), ek[start:stop])
-                    if need_b:
-                        grad_b += g.sum(dim=0)
+        for k, start, stop, (p, fl, g, t) in _edge_blocks(x, src, 4):
+            envc = env[start:stop, None]
+            torch.addmm(bias, edge_feat[k, start:stop], weight_t, out=p)
+            torch.ops.aten.silu.out(p, out=fl)                             # the filter, recomputed
+            torch.index_select(grad_out[k], 0, dst[start:stop], out=g)     # dL/dm at the centres
+            if need_x:
+                torch.mul(g, fl, out=t)
+                t.mul_(envc)
+                grad_x[k].index_add_(0, src[start:stop], t)
+            torch.index_select(x[k], 0, src[start:stop], out=t)
+            g.mul_(t)                                                      # g <- dL/d(filter * env)
+            if need_env:
+                torch.mul(g, fl, out=t)
+                grad_env[start:stop] += t.sum(dim=1)
+            if need_e or need_w or need_b:
+                g.mul_(envc)                                               # g <- dL/d filter
+                torch.ops.aten.silu_backward.grad_input(g, p, grad_input=t)
+                g = t                                                      # dL/d pre
+                if need_e:
+                    torch.mm(g, weight, out=grad_e[k, start:stop])
+                if need_w:
+                    grad_w.addmm_(g.t(), edge_feat[k, start:stop])
+                if need_b:
+                    grad_b += g.sum(dim=0)
         return grad_x, grad_e, grad_w, grad_b, grad_env, None, None
 
 
