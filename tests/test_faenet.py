@@ -107,7 +107,7 @@ def test_fused_messages_equal_plain_autograd_ops():
     model.scale.fill_(1000.0)  # random weights give tiny forces; scale them to O(0.1) eV/Å
     graph = atoms_to_graph(periodic_structure(5), 4.0, dtype=torch.float64)
     chunk = faenet_module._edge_chunk
-    faenet_module._edge_chunk = lambda frames, channels: 16
+    faenet_module._edge_chunk = lambda channels: 16
     try:
         fused = model.compute(graph, forces=True, stress=True)
     finally:

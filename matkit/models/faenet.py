@@ -70,7 +70,7 @@ def polynomial_envelope(distance: torch.Tensor, cutoff: float, p: int = 5) -> to
     return env * (distance < cutoff)
 
 
-def _edge_chunk(frames: int, channels: int) -> int:
+def _edge_chunk(channels: int) -> int:
     """Edges per chunk of the fused message op (a (chunk, channels) block of 128k numbers)."""
     return max(32, (1 << 17) // max(channels, 1))
 
@@ -101,7 +101,7 @@ def _edge_blocks(x: torch.Tensor, src: torch.Tensor, count: int):
     calling thread's scratch buffers.
     """
     num_edges, f = src.shape[0], x.shape[2]
-    step = min(_edge_chunk(x.shape[0], f), num_edges)
+    step = min(_edge_chunk(f), num_edges)
     bufs = _buffers(count, step * f, x.dtype, x.device)
     for k in range(x.shape[0]):
         for start in range(0, num_edges, step):
@@ -268,9 +268,9 @@ class FAENet(Potential):
         return torch.nn.functional.silu(pre)
 
     def edge_invariants(self, edge_vec):
-        """Frame-independent edge quantities, computed once per call: (distance (E,), radial features, envelope)."""
+        """Frame-independent edge quantities, computed once per call: (radial term (E, filters), envelope (E,))."""
         distance = edge_vec.norm(dim=-1) if edge_vec.shape[0] else edge_vec.new_zeros(0)
-        return distance, self.radial_edge_term(distance), polynomial_envelope(distance, self.cutoff)
+        return self.radial_edge_term(distance), polynomial_envelope(distance, self.cutoff)
 
     def node_features(self, graph, species, edge_vec, frames, invariants=None):
         """Per-frame, per-layer node features: list of (K, N, hidden)."""
@@ -281,7 +281,7 @@ class FAENet(Potential):
         else:
             rot = frames.rotations[:, batch[dst]] if src.numel() else frames.rotations[:, :0]  # (K, E, 3, 3)
             local = torch.einsum("ei,keij->kej", edge_vec, rot)
-        _, radial, envelope = invariants if invariants is not None else self.edge_invariants(edge_vec)
+        radial, envelope = invariants if invariants is not None else self.edge_invariants(edge_vec)
         edge_feat = self.embed_edges(local, radial)
         h = self.embed_nodes(species).expand(frames.num_frames, -1, -1)
         layers = []
