@@ -25,7 +25,6 @@ inference (``model.eval()``) each interaction's filter-and-message step runs as 
 from __future__ import annotations
 
 import math
-import threading
 from typing import Sequence
 
 import torch
@@ -33,6 +32,7 @@ from torch import nn
 
 from ..graph import graph_batch_vector, num_graphs
 from ..nn.frame_averaging import FrameSet, compute_frames
+from ..nn.workspace import scratch_buffers
 from .base import Potential, register
 
 _NOBLE = [2, 10, 18, 36, 54, 86, 118]
@@ -75,25 +75,6 @@ def _edge_chunk(channels: int) -> int:
     return max(32, (1 << 17) // max(channels, 1))
 
 
-_WORKSPACE = threading.local()  # per thread: two threads evaluating FAENet must not share scratch buffers
-
-
-def _buffers(count: int, numel: int, dtype, device):
-    """``count`` flat scratch tensors of at least ``numel`` elements, kept between calls.
-
-    Large fresh tensors are returned to the OS when freed and page-faulted in again on the next call, which on
-    virtual machines can cost more than the arithmetic; reusing a few chunk-sized buffers avoids that.
-    """
-    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
-    key = (dtype, device)
-    bufs = cache.get(key)
-    if bufs is None or len(bufs) < count or bufs[0].numel() < numel:
-        numel = max(numel, bufs[0].numel() if bufs else 0)
-        bufs = [torch.empty(numel, dtype=dtype, device=device) for _ in range(max(count, len(bufs or ())))]
-        cache[key] = bufs
-    return bufs[:count]
-
-
 def _edge_blocks(x: torch.Tensor, src: torch.Tensor, count: int):
     """Frame-by-frame, chunk-by-chunk iteration for :class:`_FilteredMessages`.
 
@@ -102,7 +83,7 @@ def _edge_blocks(x: torch.Tensor, src: torch.Tensor, count: int):
     """
     num_edges, f = src.shape[0], x.shape[2]
     step = min(_edge_chunk(f), num_edges)
-    bufs = _buffers(count, step * f, x.dtype, x.device)
+    bufs = scratch_buffers(count, step * f, x.dtype, x.device)
     for k in range(x.shape[0]):
         for start in range(0, num_edges, step):
             stop = min(start + step, num_edges)

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from . import tensornet_kernels as kernels
+
 __all__ = ["I_PART", "A_PART", "S_PART", "compose_matrix", "decompose_matrix", "squared_norms",
            "total_squared_norm", "matmul_per_channel", "traceless_outer_components", "mix_parts",
            "reverse_pair_groups", "neighbour_messages", "geometric_messages"]
@@ -24,8 +26,8 @@ __all__ = ["I_PART", "A_PART", "S_PART", "compose_matrix", "decompose_matrix", "
 I_PART, A_PART, S_PART = slice(0, 1), slice(1, 4), slice(4, 9)
 
 
-def compose_matrix(X: torch.Tensor) -> torch.Tensor:
-    """Compact (9, ...) -> full matrices (3, 3, ...)."""
+def _compose_components(X: torch.Tensor) -> torch.Tensor:
+    """Compact (9, ...) -> full (3, 3, ...), written out component by component (defines the layout)."""
     i, ax, ay, az, sxx, syy, sxy, sxz, syz = X.unbind(0)
     szz = -(sxx + syy)
     rows = (i + sxx, sxy - az, sxz + ay,
@@ -34,8 +36,8 @@ def compose_matrix(X: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows, 0).view(3, 3, *X.shape[1:])
 
 
-def decompose_matrix(M: torch.Tensor) -> torch.Tensor:
-    """Full matrices (3, 3, ...) -> compact (9, ...) [I, a, s] (exact irreducible decomposition)."""
+def _decompose_components(M: torch.Tensor) -> torch.Tensor:
+    """Full (3, 3, ...) -> compact (9, ...): trace / 3, skew and symmetric-traceless parts, component by component."""
     m00, m01, m02, m10, m11, m12, m20, m21, m22 = M.reshape(9, *M.shape[2:]).unbind(0)
     i = (m00 + m11 + m22) / 3.0
     comps = (i,
@@ -45,20 +47,58 @@ def decompose_matrix(M: torch.Tensor) -> torch.Tensor:
     return torch.stack(comps, 0)
 
 
+def _layout_matrices():
+    """The layout as linear maps (float64): compose C (9 matrix entries x 9 components), decompose D (9 x 9),
+    Frobenius Gram matrix Q = C^T C (|M|^2 = x^T Q x) and the part indicator R (3 x 9)."""
+    eye = torch.eye(9, dtype=torch.float64)
+    compose = _compose_components(eye).reshape(9, 9)
+    decompose = _decompose_components(eye.view(3, 3, 9))
+    part = torch.zeros(3, 9, dtype=torch.float64)
+    part[0, I_PART], part[1, A_PART], part[2, S_PART] = 1.0, 1.0, 1.0
+    return {"compose": compose, "decompose": decompose, "gram": compose.t() @ compose, "parts": part}
+
+
+_LAYOUT = _layout_matrices()
+_LAYOUT_CACHE = {}
+
+
+def _layout(name: str, like: torch.Tensor) -> torch.Tensor:
+    """Constant layout matrix ``name`` in the dtype and on the device of ``like`` (cached)."""
+    key = (name, like.dtype, like.device)
+    value = _LAYOUT_CACHE.get(key)
+    if value is None:
+        value = _LAYOUT_CACHE[key] = _LAYOUT[name].to(dtype=like.dtype, device=like.device)
+    return value
+
+
+# The maps below are small constant matrix products over the component axis: one kernel each instead of a dozen
+# elementwise ops on (N, F) slices, which at MD sizes (tens of atoms) cost more in dispatch than in arithmetic.
+
+def compose_matrix(X: torch.Tensor) -> torch.Tensor:
+    """Compact (9, ...) -> full matrices (3, 3, ...)."""
+    return (_layout("compose", X) @ X.reshape(9, -1)).view(3, 3, *X.shape[1:])
+
+
+def decompose_matrix(M: torch.Tensor) -> torch.Tensor:
+    """Full matrices (3, 3, ...) -> compact (9, ...) [I, a, s] (exact irreducible decomposition)."""
+    return (_layout("decompose", M) @ M.reshape(9, -1)).view(9, *M.shape[2:])
+
+
+def _norm_terms(X: torch.Tensor) -> torch.Tensor:
+    """(9, K) per-component terms ``x * (Q x)`` of the squared Frobenius norm."""
+    flat = X.reshape(9, -1)
+    return flat * (_layout("gram", X) @ flat)
+
+
 def squared_norms(X: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius norms of the I*Id, A and S parts: (9, N, F) -> (3, N, F) = [3 I^2, |A|^2, |S|^2]."""
-    i, ax, ay, az, sxx, syy, sxy, sxz, syz = X.unbind(0)
-    norm_i = 3.0 * i * i
-    norm_a = 2.0 * (ax * ax + ay * ay + az * az)
-    norm_s = sxx * sxx + syy * syy + (sxx + syy) ** 2 + 2.0 * (sxy * sxy + sxz * sxz + syz * syz)
-    return torch.stack((norm_i, norm_a, norm_s), 0)
+    # the parts are orthogonal, so the Gram matrix is block diagonal and the terms sum part by part
+    return (_layout("parts", X) @ _norm_terms(X)).view(3, *X.shape[1:])
 
 
 def total_squared_norm(X: torch.Tensor) -> torch.Tensor:
     """Squared Frobenius norm of the full matrix per node and channel: (9, N, F) -> (N, F)."""
-    i, ax, ay, az, sxx, syy, sxy, sxz, syz = X.unbind(0)
-    return (3.0 * i * i + 2.0 * (ax * ax + ay * ay + az * az) + sxx * sxx + syy * syy + (sxx + syy) ** 2
-            + 2.0 * (sxy * sxy + sxz * sxz + syz * syz))
+    return _norm_terms(X).sum(0).view(X.shape[1:])
 
 
 def matmul_per_channel(Y: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -238,6 +278,40 @@ class _GeometricMessages(torch.autograd.Function):
         return grad_g, grad_r, grad_p, None, None, None, None
 
 
+class _CompiledNeighbourMessages(torch.autograd.Function):
+    """:class:`_NeighbourMessages` with the Numba kernels of :mod:`matkit.nn.tensornet_kernels` (CPU tensors)."""
+
+    @staticmethod
+    def forward(ctx, Y, factors, src, dst, group, num_nodes):
+        ctx.save_for_backward(Y, factors, src, dst, group)
+        return kernels.neighbour_forward(Y, factors, group, src, dst, num_nodes)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        Y, factors, src, dst, group = ctx.saved_tensors
+        grad_y, grad_f = kernels.neighbour_backward(grad_out, Y, factors, group, src, dst,
+                                                    *ctx.needs_input_grad[:2])
+        return grad_y, grad_f, None, None, None, None
+
+
+class _CompiledGeometricMessages(torch.autograd.Function):
+    """:class:`_GeometricMessages` with the Numba kernels of :mod:`matkit.nn.tensornet_kernels` (CPU tensors)."""
+
+    @staticmethod
+    def forward(ctx, geometry, radial, pair, group, pair_index, dst, num_nodes):
+        ctx.save_for_backward(geometry, radial, pair, group, pair_index, dst)
+        return kernels.geometric_forward(geometry, radial, pair, group, pair_index, dst, num_nodes)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        geometry, radial, pair, group, pair_index, dst = ctx.saved_tensors
+        grads = kernels.geometric_backward(grad_out, geometry, radial, pair, group, pair_index, dst,
+                                           *ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None)
+
+
 def neighbour_messages(Y: torch.Tensor, factors: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
                        num_nodes: int, group: Optional[torch.Tensor] = None, fused: bool = True) -> torch.Tensor:
     """Sum over edges of per-part factors times the neighbour's compact tensor, at the centre.
@@ -248,6 +322,10 @@ def neighbour_messages(Y: torch.Tensor, factors: torch.Tensor, src: torch.Tensor
     autograd ops.
     """
     if fused:
+        if Y.device.type == "cpu":
+            if group is None:
+                group = torch.arange(src.shape[0], device=src.device)
+            return _CompiledNeighbourMessages.apply(Y, factors, src, dst, group, num_nodes)
         return _NeighbourMessages.apply(Y, factors, src, dst, group, num_nodes)
     if group is not None:
         factors = factors.index_select(0, group)
@@ -266,6 +344,8 @@ def geometric_messages(geometry: torch.Tensor, radial: torch.Tensor, pair: torch
     reverse edges, group (E,); pair (T, F) species-pair factors, pair_index (E,); dst (E,) centres -> (9, N, F).
     """
     if fused:
+        if radial.device.type == "cpu":
+            return _CompiledGeometricMessages.apply(geometry, radial, pair, group, pair_index, dst, num_nodes)
         return _GeometricMessages.apply(geometry, radial, pair, group, pair_index, dst, num_nodes)
     factors = radial.index_select(0, group) * pair.index_select(0, pair_index)[:, None]
     out = []
