@@ -103,6 +103,12 @@ def main(argv=None) -> int:
     wall = next((line for line in reversed(log) if "finished after" in line), "")
     source, energy_scale = next(v for k, v in DATA_CARDS.items() if k in dataset)
     config_text = (folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else "(not found)"
+    # multi-stage training: potentials/NAME/stage1.yaml, stage2.yaml, ... run before config.yaml (the final stage)
+    stages = sorted(folder.glob("stage*.yaml"))
+    stage_note = (f" (final stage of {len(stages) + 1}; earlier stages: {', '.join(f'`{p.name}`' for p in stages)})"
+                  if stages else "")
+    stage_commands = "".join(f"matkit train potentials/{args.name}/{p.name}\n" for p in stages)
+    stage_configs = "".join(f"\n`{p.name}`:\n\n```yaml\n{p.read_text().strip()}\n```\n" for p in stages)
 
     def err(key, scale=1000.0):
         value = errors.get(key)
@@ -125,7 +131,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | training data | `{dataset}`: {source} |
 | split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: a seeded random 10 % validation split held out of training (seed 0). No separate test split exists for this data, so these are validation errors, not test errors. |
 | energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)} |
-| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}), AdamW, cosine schedule, EMA weights; CPU, float32, 1 thread. {wall.split('INFO ')[-1] if wall else ''} |
+| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}){stage_note}, AdamW, cosine schedule, EMA weights; CPU, float32, 1 thread. {wall.split('INFO ')[-1] if wall else ''} |
 | forces / stress | conservative: autograd of the energy (positions and a symmetric strain) |
 | weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; loads with `weights_only=True`) |
 | license | weights: same terms as the training data ({source.split(';')[-1].strip()}); code: MIT |
@@ -150,10 +156,10 @@ calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} 
 ## Reproduce
 
 ```bash
-matkit train potentials/{args.name}/config.yaml          # writes runs/potentials/{args.name}/
+{stage_commands}matkit train potentials/{args.name}/config.yaml          # writes runs/potentials/{args.name}/
 python potentials/publish.py {args.name}                 # copies best.pt here, evaluates, writes this card
 ```
-
+{stage_configs}
 `config.yaml`:
 
 ```yaml

@@ -17,11 +17,12 @@ torchmd-net checkpoints load (:func:`matkit.convert.torchmdnet.load_torchmdnet_t
 A graph attribute ``charge`` (B,) (total charge per structure, e) enters as torchmd-net's ``(1 + 0.1 q)``
 factor; absent means neutral.
 
-Speed (CPU): the node state is a compact (9, N, F) component-first tensor (see :mod:`matkit.nn.tensornet_blocks`);
+Speed: the node state is a compact (9, N, F) component-first tensor (see :mod:`matkit.nn.tensornet_blocks`);
 all distance-only edge features (basis, cutoff, edge MLPs) are computed once per *pair* of reverse edges;
-the species-pair embedding is a table over the species present, built once per call; messages are one gather, three
-broadcast products and three ``index_add`` per layer; the (E, 9, F) per-edge tensors are the only
-edge-sized tensors of width 9F.
+the species-pair embedding is a table over the species present, built once per call. Outside training the two
+edge sums run as Numba loops on CPU (:mod:`matkit.nn.tensornet_kernels`) and as edge-chunked torch ops on other
+devices, so no (9, E, F) per-edge tensor is ever stored; training uses plain autograd ops (force losses need a
+second backward pass).
 """
 from __future__ import annotations
 
