@@ -29,6 +29,10 @@ benchmarks: install
 	$(PY) benchmarks/models.py
 	$(PY) benchmarks/so2_convolution.py
 	$(PY) benchmarks/data_loader.py
+	$(PY) benchmarks/tensor_products.py
+	# the two below need torchmd-net 3.1.0 in its own venv (see benchmarks/model_specs/tensornet.py)
+	-$(PY) benchmarks/tensornet_vs_torchmdnet.py
+	-$(PY) benchmarks/tensornet_speed_vs_torchmdnet.py --rounds 2
 
 clean:
 	rm -rf $(VENV) runs
