@@ -6,7 +6,8 @@ Copies the run's ``best.pt`` (EMA weights at the best validation loss; a plain m
 ``weights_only=True``) to ``potentials/NAME/model.pt``, evaluates it again on the held-out validation split in
 float64 (``matkit evaluate ... --split val``), times energy+forces on a typical structure, and writes
 ``potentials/NAME/README.md`` (the model card) and ``val_errors.json``. The training configuration stays in
-``potentials/NAME/config.yaml``.
+``potentials/NAME/config.yaml`` (earlier stages of a multi-stage training in ``stage*.yaml``); hand-written card
+sections in ``potentials/NAME/card_extra.md`` are copied into the card before "Reproduce".
 """
 from __future__ import annotations
 
@@ -108,6 +109,8 @@ def main(argv=None) -> int:
     stage_note = (f" (final stage of {len(stages) + 1}; earlier stages: {', '.join(f'`{p.name}`' for p in stages)})"
                   if stages else "")
     stage_commands = "".join(f"matkit train potentials/{args.name}/{p.name}\n" for p in stages)
+    # hand-written sections (e.g. an MD energy-conservation check) live in card_extra.md and survive republishing
+    extra = (folder / "card_extra.md").read_text().strip() + "\n\n" if (folder / "card_extra.md").exists() else ""
     stage_configs = "".join(f"\n`{p.name}`:\n\n```yaml\n{p.read_text().strip()}\n```\n" for p in stages)
 
     def err(key, scale=1000.0):
@@ -153,7 +156,7 @@ Parity plots: `parity_energy.png`, `parity_forces.png`; learning curves: `metric
 Energy + forces through `MatkitCalculator` on {label}, 1 CPU thread (torch {torch.__version__}), median of 20
 calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} ms (float64).
 
-## Reproduce
+{extra}## Reproduce
 
 ```bash
 {stage_commands}matkit train potentials/{args.name}/config.yaml          # writes runs/potentials/{args.name}/
