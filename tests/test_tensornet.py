@@ -230,3 +230,19 @@ def test_layout_maps_match_explicit_matrix_algebra():
     other = torch.randn(3, 3, 4, 3, generator=g, dtype=torch.float64)
     np.testing.assert_allclose(tb.matmul_per_channel(full, other).numpy(),
                                torch.einsum("ijnf,jknf->iknf", full, other).numpy(), rtol=0, atol=1e-13)
+
+
+def test_message_kernels_propagate_nan():
+    """The kernels are compiled without no-NaN assumptions: a NaN input feature reaches the output."""
+    from matkit.nn import tensornet_blocks as tb
+
+    d = _random_messages_inputs()
+    Y = d["Y"].clone()
+    Y[0, d["src"][0], 0] = float("nan")
+    out = tb._CompiledNeighbourMessages.apply(Y, d["factors"], d["src"], d["dst"], d["group"], d["num_nodes"])
+    assert torch.isnan(out[0, d["dst"][0], 0])
+    geometry = d["geometry"].clone()
+    geometry[0, 0] = float("nan")
+    out = tb._CompiledGeometricMessages.apply(geometry, d["factors"], d["pair"], d["group"], d["pair_index"],
+                                              d["dst"], d["num_nodes"])
+    assert torch.isnan(out[0, d["dst"][0]]).all()

@@ -18,6 +18,10 @@ from numba import njit
 
 __all__ = ["neighbour_forward", "neighbour_backward", "geometric_forward", "geometric_backward", "as_array"]
 
+# reassociation and fused multiply-add let LLVM vectorise the channel loops; no "no-NaN / no-inf" assumptions,
+# so a NaN anywhere still propagates to the energy instead of being optimised away
+_FASTMATH = {"reassoc", "contract"}
+
 PART = np.array([0, 1, 1, 1, 2, 2, 2, 2, 2], dtype=np.int64)  # part (I, A, S) of each compact component
 
 
@@ -26,7 +30,7 @@ def as_array(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _neighbour_forward(Y, factors, group, src, dst, part, out):
     F = Y.shape[2]
     for e in range(src.shape[0]):
@@ -37,7 +41,7 @@ def _neighbour_forward(Y, factors, group, src, dst, part, out):
                 out[c, d, f] += factors[g, p, f] * Y[c, s, f]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _neighbour_backward(Y, factors, group, src, dst, part, grad_out, grad_y, grad_f, need_y, need_f):
     F = Y.shape[2]
     for e in range(src.shape[0]):
@@ -52,7 +56,7 @@ def _neighbour_backward(Y, factors, group, src, dst, part, grad_out, grad_y, gra
                     grad_f[g, p, f] += grad_out[c, d, f] * Y[c, s, f]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _geometric_forward(geometry, radial, pair, group, pair_index, dst, part, out):
     F = radial.shape[2]
     for e in range(dst.shape[0]):
@@ -64,7 +68,7 @@ def _geometric_forward(geometry, radial, pair, group, pair_index, dst, part, out
                 out[c, d, f] += x * radial[g, p, f] * pair[t, f]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _geometric_backward_factors(geometry, radial, pair, group, pair_index, dst, part, grad_out, grad_r, grad_p,
                                 need_r, need_p):
     F = radial.shape[2]
@@ -81,7 +85,7 @@ def _geometric_backward_factors(geometry, radial, pair, group, pair_index, dst, 
                     grad_p[t, f] += gx * radial[g, p, f]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=_FASTMATH, cache=True)
 def _geometric_backward_geometry(radial, pair, group, pair_index, dst, part, grad_out, grad_g):
     F = radial.shape[2]
     for e in range(dst.shape[0]):
