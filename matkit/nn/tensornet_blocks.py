@@ -165,7 +165,9 @@ def reverse_pair_groups(edge_index: torch.Tensor, shifts: torch.Tensor, num_node
 # Messages are memory bound: the (9, E, F) per-edge tensors are ~9x larger than the node tensors. The two
 # autograd functions below never keep them: forward and backward run over chunks of edges small enough to stay
 # in cache and save only node-sized inputs and (E, 3, F) factors. Their backward is not differentiable again,
-# so models use them only outside training (force-loss training needs double backward).
+# so models use them only outside training (force-loss training needs double backward). On CPU the same sums run
+# as compiled loops (the ``_Compiled*`` functions further down, kernels in :mod:`matkit.nn.tensornet_kernels`);
+# the chunked torch versions serve other devices.
 
 PART_INDEX = (0, 1, 1, 1, 2, 2, 2, 2, 2)  # part of each of the 9 compact components
 
@@ -318,8 +320,8 @@ def neighbour_messages(Y: torch.Tensor, factors: torch.Tensor, src: torch.Tensor
 
     Y (9, N, F) compact node tensors; src / dst (E,) neighbour / centre; factors (E, 3, F), or (G, 3, F) per
     group of edges with ``group`` (E,) the group of each edge (reverse edges share distance-only factors)
-    -> (9, N, F). ``fused=True``: chunked, memory-lean, first-order differentiable only; ``False``: plain
-    autograd ops.
+    -> (9, N, F). ``fused=True``: no per-edge tensor is stored, first-order differentiable only (Numba kernels
+    for CPU tensors, edge-chunked torch ops on other devices); ``False``: plain autograd ops.
     """
     if fused:
         if Y.device.type == "cpu":
@@ -342,6 +344,7 @@ def geometric_messages(geometry: torch.Tensor, radial: torch.Tensor, pair: torch
 
     geometry (9, E) compact components of each edge's tensor; radial (G, 3, F) distance-only factors per group of
     reverse edges, group (E,); pair (T, F) species-pair factors, pair_index (E,); dst (E,) centres -> (9, N, F).
+    ``fused`` as in :func:`neighbour_messages`.
     """
     if fused:
         if radial.device.type == "cpu":
