@@ -26,7 +26,8 @@ DATA_CARDS = {
     "mlearn": ("mlearn (Zuo et al., J. Phys. Chem. A 124, 731 (2020)), VASP PBE; BSD-3-Clause",
                "raw mlearn PBE energies (mlearn's own scale: not MP-compatible; no MP2020 corrections)"),
     "acetylacetone": ("BOTNet acetylacetone 300 K MD (Batatia et al. 2022), DFT; MIT",
-                      "total DFT energies of the source (the per-element reference energies are fitted)"),
+                      "total DFT energies of the source (the per-element reference energies are fitted; every frame is "
+                      "C5H8O2, so only their sum over the molecule is determined and the single values mean nothing)"),
 }
 
 
