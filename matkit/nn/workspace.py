@@ -1,9 +1,9 @@
 """Per-thread scratch buffers for the fused inference ops.
 
 Large fresh tensors are returned to the operating system when freed and page-faulted in again on the next call,
-which on virtual machines can cost more than the arithmetic done in them (a few µs per 4 kB page). The fused
-inference ops (FAENet's filtered messages, TensorNet's radial MLP) therefore keep a few flat buffers per thread
-and work in views of them. Only temporaries live there: nothing returned to autograd or saved for a backward
+which on virtual machines can cost more than the arithmetic done in them (a few µs per 4 kB page). Fused
+inference ops (FAENet's filtered messages) therefore keep a few flat buffers per thread and work in views of
+them. Only temporaries live there: nothing returned to autograd or saved for a backward
 pass may be a scratch view, because the next call overwrites it.
 """
 from __future__ import annotations
