@@ -77,8 +77,10 @@ def main(argv=None) -> int:
 
     dataset = meta["dataset"]
     errors_path = folder / "val_errors.json"
+    # parity plots come from the training run; a run without them (run.parity_plots=false) gets them here
+    plots = [] if (run / "parity_forces.png").exists() else ["--plots", str(folder)]
     subprocess.run([sys.executable, "-m", "matkit.cli", "evaluate", str(folder / "model.pt"), str(ROOT / dataset),
-                    "--split", "val", "--dtype", "float64", "--json", str(errors_path), "--no-progress"],
+                    "--split", "val", "--dtype", "float64", "--json", str(errors_path), "--no-progress", *plots],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     errors = json.loads(errors_path.read_text())["metrics"]
 
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
 
     n_params = sum(p.numel() for p in model.parameters())
     log = (run / "train.log").read_text().splitlines() if (run / "train.log").exists() else []
-    wall = next((line for line in reversed(log) if "finished after" in line), "")
+    wall = next((line for line in reversed(log) if "finished after" in line), "").split("; checkpoints in")[0]
     source, energy_scale = next(v for k, v in DATA_CARDS.items() if k in dataset)
     config_text = (folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else "(not found)"
     # multi-stage training: potentials/NAME/stage1.yaml, stage2.yaml, ... run before config.yaml (the final stage)
@@ -112,6 +114,9 @@ def main(argv=None) -> int:
     stage_commands = "".join(f"matkit train potentials/{args.name}/{p.name}\n" for p in stages)
     # hand-written sections (e.g. an MD energy-conservation check) live in card_extra.md and survive republishing
     extra = (folder / "card_extra.md").read_text().strip() + "\n\n" if (folder / "card_extra.md").exists() else ""
+    # where the training ran: a "# hardware: ..." line in config.yaml, else the default CPU set-up
+    hardware = next((line.split(":", 1)[1].strip() for line in config_text.splitlines()
+                     if line.startswith("# hardware:")), "CPU, 1 thread")
     stage_configs = "".join(f"\n`{p.name}`:\n\n```yaml\n{p.read_text().strip()}\n```\n" for p in stages)
 
     def err(key, scale=1000.0):
@@ -135,7 +140,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | training data | `{dataset}`: {source} |
 | split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: a seeded random 10 % validation split held out of training (seed 0). No separate test split exists for this data, so these are validation errors, not test errors. |
 | energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)} |
-| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}){stage_note}, AdamW, cosine schedule, EMA weights; CPU, float32, 1 thread. {wall.split('INFO ')[-1] if wall else ''} |
+| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}){stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall.split('INFO ')[-1] if wall else ''} |
 | forces / stress | conservative: autograd of the energy (positions and a symmetric strain) |
 | weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; loads with `weights_only=True`) |
 | license | weights: same terms as the training data ({source.split(';')[-1].strip()}); code: MIT |

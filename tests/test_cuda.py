@@ -44,7 +44,6 @@ def _batch(dtype):
 
 def _predict(model, graph, training: bool):
     model.train(training)
-    torch.manual_seed(1)  # FAENet draws its training frames from the CPU generator: same frames on both devices
     out = model.compute(graph, forces=True, stress=True, training=training)
     return {k: v.detach().double().cpu().numpy() for k, v in out.items()}
 
@@ -60,6 +59,11 @@ def _assert_close(got: dict, want: dict, rtol: float):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_model_on_cuda_matches_cpu(name, training, dtype):
     model = _model(name, dtype)
+    if name == "faenet":
+        # FAENet's training frame is one random sign choice of the PCA axes; CPU and CUDA eigh return axes with
+        # different signs, so the same random index picks a different frame (checked on an H200). Average over
+        # all frames in training mode too, so that both devices compute the same function.
+        model.stochastic_training = False
     graph = _batch(dtype)
     want = _predict(model, graph, training)
     got = _predict(model.to("cuda"), graph.to("cuda"), training)

@@ -283,8 +283,11 @@ def test_cli_train_and_evaluate_agree_with_ase(tmp_path, capsys):
     assert metrics["stress_mae"] == pytest.approx(np.abs(ds).mean(), rel=1e-3)
 
     assert matkit_main(["evaluate", str(tmp_path / "run/best.pt"), str(data), "--split", "val",
-                        "--no-progress"]) == 0
-    assert "(3 structures)" in capsys.readouterr().out
+                        "--no-progress", "--plots", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert "(3 structures)" in out and "parity_forces.png" in out
+    for name in ("parity_energy.png", "parity_forces.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     # --resume continues from run.out_dir/latest.pt
     assert matkit_main(["train", str(tmp_path / "c.yaml"), "optim.max_steps=3", "--resume"]) == 0
     assert int(read_checkpoint(tmp_path / "run/latest.pt")["training_state"]["step"]) == 3

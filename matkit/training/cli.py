@@ -38,6 +38,8 @@ def register(subparsers) -> None:
                           help="with a checkpoint from `matkit train`: evaluate only its validation or training "
                                "split of the same dataset file")
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    evaluate.add_argument("--plots", metavar="DIR", help="also write parity plots (parity_energy.png, "
+                                                          "parity_forces.png, ...) into DIR")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -108,7 +110,7 @@ def run_evaluate(args) -> int:
 
         progress = lambda it: tqdm(it, desc="evaluate")  # noqa: E731
     result = evaluate_model(model, dataset, batch_size=args.batch_size, device=args.device, dtype=dtype,
-                            indices=indices, progress=progress)
+                            indices=indices, collect=bool(args.plots), progress=progress)
     n = len(dataset) if indices is None else len(indices)
     metrics = result.metrics()
     print(f"{payload['model']} checkpoint {args.checkpoint} on {args.dataset} ({args.split}):")
@@ -116,4 +118,11 @@ def run_evaluate(args) -> int:
     if args.json:
         Path(args.json).write_text(metrics_json(metrics, checkpoint=str(args.checkpoint), dataset=str(args.dataset),
                                                 split=args.split, structures=n) + "\n")
+    if args.plots:
+        from .plots import write_parity_plots
+
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        label = "validation split" if args.split == "val" else f"{args.split} split"
+        for path in write_parity_plots(result.predictions.arrays(), args.plots, label):
+            print(f"wrote {path}")
     return 0
