@@ -128,7 +128,9 @@ class RunConfig:
     """Run options. ``device``: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
     ``deterministic`` turns on ``torch.use_deterministic_algorithms`` (bitwise-reproducible runs and resumes
     on CPU). ``checkpoint_every_steps`` 0 writes ``latest.pt`` only at the end of each epoch.
-    ``progress``: tqdm bars (``auto``: only on a terminal)."""
+    ``progress``: tqdm bars (``auto``: only on a terminal). ``keep_freed_memory``: glibc keeps freed memory for
+    reuse instead of re-faulting large tensors every step (:func:`matkit.allocator.keep_freed_memory`; up to ~2x
+    faster CPU steps, the process keeps its peak memory)."""
 
     out_dir: str = "runs/matkit"
     seed: int = 0
@@ -141,6 +143,7 @@ class RunConfig:
     tensorboard: bool = False
     progress: Literal["auto", "on", "off"] = "auto"
     parity_plots: bool = True
+    keep_freed_memory: bool = True
 
 
 @dataclass

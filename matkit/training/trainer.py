@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..allocator import keep_freed_memory
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..models import build, get_class
 from .batching import epoch_batches, flatten_batches, unflatten_batches
@@ -171,6 +172,8 @@ class Trainer:
                  callbacks: Sequence[Callable] = ()):
         self.config = config
         self.callbacks = list(callbacks)
+        if config.run.keep_freed_memory:
+            keep_freed_memory()
         self.dist = detect_distributed()
         self.device = _resolve_device(config.run.device, self.dist.local_rank)
         init_distributed(self.dist, self.device)
