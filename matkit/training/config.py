@@ -129,7 +129,7 @@ class RunConfig:
     ``deterministic`` turns on ``torch.use_deterministic_algorithms`` (bitwise-reproducible runs and resumes
     on CPU). ``checkpoint_every_steps`` 0 writes ``latest.pt`` only at the end of each epoch.
     ``progress``: tqdm bars (``auto``: only on a terminal). ``keep_freed_memory``: glibc keeps freed memory for
-    reuse instead of re-faulting large tensors every step (:func:`matkit.allocator.keep_freed_memory`; up to ~2x
+    reuse instead of re-faulting large tensors every step (:func:`matkit.allocator.keep_freed_memory`; 1.5-1.8x
     faster CPU steps, the process keeps its peak memory)."""
 
     out_dir: str = "runs/matkit"
