@@ -4,21 +4,26 @@ rank 0 only. Also the launcher detection (torchrun and SLURM variables) and the 
 from __future__ import annotations
 
 import csv
+import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import ase.io
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import yaml
 
 from matkit.checkpoint import read_checkpoint
 from matkit.cli import main as matkit_main
 from matkit.training.batching import make_batches
-from matkit.training.ddp import detect_distributed, split_global_batch
+from matkit.training.ddp import cleanup_distributed, detect_distributed, split_global_batch
 from test_training_support import mlearn_si_atoms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +54,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "matkit.cli",
            "train", str(config), f"run.out_dir={tmp_path / 'two'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    proc = _run_dumping_stacks_on_timeout(cmd, cwd=tmp_path, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "distributed: 2 ranks (torchrun launcher), backend gloo" in proc.stderr
 
@@ -72,6 +77,68 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "latest.pt", "metrics.csv",
                                                                      "parity_energy.png", "parity_forces.png",
                                                                      "train.log"]
+
+
+def _run_dumping_stacks_on_timeout(cmd, cwd, env, timeout):
+    """``subprocess.run`` whose failure on a hang says where: on timeout the launcher's worker processes get
+    SIGABRT, which Python's faulthandler (``PYTHONFAULTHANDLER=1``) answers with the stack of each thread."""
+    env = dict(env, PYTHONFAULTHANDLER="1")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        table = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,stat=,etime=,args="], capture_output=True,
+                               text=True).stdout.splitlines()
+        rows = {int(line.split()[0]): line for line in table}
+        parents = {pid: int(line.split()[1]) for pid, line in rows.items()}
+        # torchrun starts each worker in a session of its own: find them as descendants of the launcher
+        family = [proc.pid]
+        for pid in sorted(parents):
+            ancestor = parents[pid]
+            while ancestor > 1 and ancestor not in family:
+                ancestor = parents.get(ancestor, 0)
+            if ancestor in family and pid not in family:
+                family.append(pid)
+        for pid in family[1:]:
+            os.kill(pid, signal.SIGABRT)
+        time.sleep(5)
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stdout, stderr = proc.communicate()
+        listing = "\n".join(rows[pid] for pid in family if pid in rows)
+        pytest.fail(f"torchrun did not finish within {timeout} s; processes:\n{listing}\nstdout:\n{stdout[-3000:]}\n"
+                    f"stderr (stacks of the aborted workers at the end):\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_cleanup_destroys_the_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    assert cleanup_distributed(timeout_s=30) is True
+    assert not dist.is_initialized()
+    assert cleanup_distributed() is True  # nothing left to do
+
+
+def test_cleanup_gives_up_on_a_stuck_teardown_and_shows_where(monkeypatch, caplog, capfd):
+    gate = threading.Event()
+
+    def stuck_teardown():
+        gate.wait(60)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", stuck_teardown)
+    try:
+        start = time.perf_counter()
+        with caplog.at_level(logging.WARNING, logger="matkit.training"):
+            assert cleanup_distributed(timeout_s=0.5) is False
+        assert time.perf_counter() - start < 5
+    finally:
+        gate.set()
+    assert "teardown did not finish within 0.5 s" in caplog.text
+    assert "stuck_teardown" in capfd.readouterr().err  # faulthandler's dump of the stuck thread
 
 
 def test_split_global_batch_is_a_balanced_partition():

@@ -13,12 +13,18 @@ Backend: ``nccl`` on CUDA, ``gloo`` on CPU.
 """
 from __future__ import annotations
 
+import faulthandler
+import logging
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("matkit.training")
 
 __all__ = ["DistributedInfo", "detect_distributed", "init_distributed", "cleanup_distributed",
            "split_global_batch", "all_reduce_sum", "barrier", "broadcast_object"]
@@ -87,9 +93,48 @@ def init_distributed(info: DistributedInfo, device: torch.device) -> None:
     dist.init_process_group(backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size)
 
 
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup_distributed(timeout_s: float = 60.0) -> bool:
+    """Destroy the default process group, waiting at most ``timeout_s`` seconds; returns whether it finished.
+
+    Call it once every rank has finished (the trainer meets all ranks at a barrier after its last checkpoint).
+    Tearing a process group down can still hang at times although every rank got there (pytorch/pytorch
+    #75097; seen here with gloo on a loaded 2-core CI machine). The teardown therefore runs
+    in a helper thread: after ``timeout_s`` the rank logs a warning, prints where the teardown is stuck and goes
+    on, so a finished training exits instead of hanging its launcher. Should the teardown hold the interpreter
+    lock while stuck, a watchdog prints every thread's stack after ``2 * timeout_s`` and exits with status 1.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    worker = threading.Thread(target=dist.destroy_process_group, name="matkit-destroy-process-group", daemon=True)
+    watchdog = _arm_watchdog(2 * timeout_s)
+    try:
+        worker.start()
+        worker.join(timeout_s)
+    finally:
+        if watchdog:
+            faulthandler.cancel_dump_traceback_later()
+    if not worker.is_alive():
+        return True
+    log.warning("the process-group teardown did not finish within %g s (an intermittent PyTorch problem, "
+                "pytorch/pytorch#75097); this rank goes on without it. Where it is stuck:", timeout_s)
+    _dump_stacks()
+    return False
+
+
+def _arm_watchdog(timeout_s: float) -> bool:
+    """Print every thread's stack to the process's stderr and exit(1) after ``timeout_s`` unless cancelled."""
+    try:
+        faulthandler.dump_traceback_later(timeout_s, exit=True, file=sys.__stderr__)
+        return True
+    except (AttributeError, ValueError, OSError):  # no usable stderr file descriptor (e.g. pythonw)
+        return False
+
+
+def _dump_stacks() -> None:
+    try:
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):
+        pass
 
 
 def _active() -> bool:

@@ -265,13 +265,13 @@ class Trainer:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
             self.writer = None
+        cleanup_distributed()  # before the log handlers go: it may warn
         for handler in self._handlers:
             log.removeHandler(handler)
             handler.close()
         self._handlers = []
         if hasattr(self, "_previous_deterministic"):
             torch.use_deterministic_algorithms(self._previous_deterministic)
-        cleanup_distributed()
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
