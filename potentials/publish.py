@@ -8,6 +8,10 @@ float64 (``matkit evaluate ... --split val``), times energy+forces on a typical 
 ``potentials/NAME/README.md`` (the model card) and ``val_errors.json``. The training configuration stays in
 ``potentials/NAME/config.yaml`` (earlier stages of a multi-stage training in ``stage*.yaml``); hand-written card
 sections in ``potentials/NAME/card_extra.md`` are copied into the card before "Reproduce".
+
+``--refit-references`` re-solves the per-element reference energies by least squares on the trained model's
+residuals over the training split before publishing (``matkit.training.stats.refit_reference_energies``): for
+data of one composition the energy zero drifts in long force-dominated training; forces and stress do not change.
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name")
     parser.add_argument("--run", default=None, help="run folder (default runs/potentials/NAME)")
+    parser.add_argument("--refit-references", action="store_true",
+                        help="refit the reference energies on the training split's residuals (forces unchanged)")
     args = parser.parse_args(argv)
 
     import matkit
@@ -70,15 +76,21 @@ def main(argv=None) -> int:
     model, payload = matkit.load_checkpoint(best, return_payload=True)
     meta = payload["metadata"]
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(best, folder / "model.pt")
-    for extra in ("parity_energy.png", "parity_forces.png", "metrics.csv"):
+    dataset = meta["dataset"]
+    refit_note = ""
+    if args.refit_references:
+        refit_note = refit_and_save(model, meta, ROOT / dataset, folder / "model.pt")
+    else:
+        shutil.copyfile(best, folder / "model.pt")
+    # parity plots come from the training run; a run without them (run.parity_plots=false) or a refitted model
+    # gets them here
+    copied = ("metrics.csv",) if args.refit_references else ("parity_energy.png", "parity_forces.png", "metrics.csv")
+    for extra in copied:
         if (run / extra).exists():
             shutil.copyfile(run / extra, folder / extra)
 
-    dataset = meta["dataset"]
     errors_path = folder / "val_errors.json"
-    # parity plots come from the training run; a run without them (run.parity_plots=false) gets them here
-    plots = [] if (run / "parity_forces.png").exists() else ["--plots", str(folder)]
+    plots = [] if (run / "parity_forces.png").exists() and not args.refit_references else ["--plots", str(folder)]
     subprocess.run([sys.executable, "-m", "matkit.cli", "evaluate", str(folder / "model.pt"), str(ROOT / dataset),
                     "--split", "val", "--dtype", "float64", "--json", str(errors_path), "--no-progress", *plots],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -139,7 +151,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | cutoff | {model.cutoff} Å |
 | training data | `{dataset}`: {source} |
 | split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: a seeded random 10 % validation split held out of training (seed 0). No separate test split exists for this data, so these are validation errors, not test errors. |
-| energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)} |
+| energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)}{refit_note} |
 | training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}){stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall.split('INFO ')[-1] if wall else ''} |
 | forces / stress | conservative: autograd of the energy (positions and a symmetric strain) |
 | weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; loads with `weights_only=True`) |
@@ -166,7 +178,7 @@ calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} 
 
 ```bash
 {stage_commands}matkit train potentials/{args.name}/config.yaml          # writes runs/potentials/{args.name}/
-python potentials/publish.py {args.name}                 # copies best.pt here, evaluates, writes this card
+python potentials/publish.py {args.name}{' --refit-references' if args.refit_references else ''}                 # copies best.pt here, evaluates, writes this card
 ```
 {stage_configs}
 `config.yaml`:
@@ -179,6 +191,25 @@ python potentials/publish.py {args.name}                 # copies best.pt here, 
     print(f"published {args.name}: val E MAE {err('energy_mae')} meV/atom, F MAE {err('forces_mae')} meV/Å; "
           f"EF {t32 * 1e3:.1f} ms (f32) / {t64 * 1e3:.1f} ms (f64) on {label}")
     return 0
+
+
+def refit_and_save(model, meta, dataset_path, out) -> str:
+    """Refit ``model``'s reference energies on its training split, save it to ``out``; return a card note."""
+    import torch
+
+    from matkit.checkpoint import save_checkpoint
+    from matkit.training.datasets import load_dataset
+    from matkit.training.stats import refit_reference_energies
+
+    torch.set_num_threads(1)
+    dataset = load_dataset(str(dataset_path), model.cutoff, dtype=torch.float64)
+    delta = refit_reference_energies(model, dataset, meta["train_indices"])
+    meta = {**meta, "reference_energies_refit": {"delta_eV": [float(d) for d in delta],
+                                                 "split": "train", "structures": len(meta["train_indices"])}}
+    save_checkpoint(model, out, metadata=meta)
+    shifts = ", ".join(f"{s} {1000 * d:+.2f} meV" for s, d in zip(matkit_symbols(model.species), delta))
+    return (f" (refitted after training by least squares on the model's residuals over the training split: {shifts}; "
+            "this moves only the energy zero, forces and stress are unchanged)")
 
 
 def matkit_symbols(species):

@@ -22,7 +22,7 @@ from matkit.models import build
 from matkit.training import ConfigError, GraphListDataset, Trainer, config_from_dict, load_config, train
 from matkit.training.evaluate import evaluate_model
 from matkit.training.losses import batch_targets, loss_counts, loss_terms, voigt_to_matrix
-from matkit.training.stats import DatasetStatistics, fit_reference_energies
+from matkit.training.stats import DatasetStatistics, fit_reference_energies, refit_reference_energies
 from test_training_support import mlearn_si_atoms, mlearn_si_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +163,39 @@ def test_reference_energy_fit_recovers_known_values():
     e0 = np.array([-3.2, -7.9, -1.5, 0.0])
     stats = DatasetStatistics(counts, counts @ e0, 0.0, 0)
     np.testing.assert_allclose(fit_reference_energies(stats), e0, atol=1e-10)
+
+
+def test_refit_reference_energies_removes_the_energy_offset_and_keeps_forces():
+    """The refit moves only the per-element energy zero: the least-squares optimum on the split, checked against
+    energies and forces from the ASE calculator before and after (an independent path through the model)."""
+    torch.manual_seed(0)
+    images = mlearn_si_atoms(12)
+    model = build("test_pair_mlp", species=[14], cutoff=3.5, hidden=8).float()
+    model.shift.fill_(3.0)                             # eV/atom: mlearn Si is near -5.4, so a large offset
+    split = [0, 2, 3, 5, 7, 8, 11]
+
+    def predict():
+        calc = MatkitCalculator(model, dtype="float64", skin=0.0)
+        out = []
+        for atoms in images:
+            atoms = atoms.copy()
+            atoms.calc = calc
+            out.append((atoms.get_potential_energy(), atoms.get_forces()))
+        return out
+
+    before = predict()
+    n = np.array([len(images[i]) for i in split], dtype=float)
+    residual = np.array([images[i].get_potential_energy() - before[i][0] for i in split])
+    expected = float(n @ residual / (n @ n))           # one element: dE0 = sum n r / sum n^2
+    delta = refit_reference_energies(model, GraphListDataset(mlearn_si_graphs(12, dtype=torch.float32)), split)
+    assert delta.shape == (1,) and abs(expected) > 1.0
+    assert float(delta[0]) == pytest.approx(expected, rel=1e-9)
+    after = predict()
+    for (e0, f0), (e1, f1), atoms in zip(before, after, images):
+        assert e1 - e0 == pytest.approx(len(atoms) * expected, rel=1e-9)
+        np.testing.assert_array_equal(f1, f0)
+    new_residual = np.array([images[i].get_potential_energy() - after[i][0] for i in split])
+    assert abs(n @ new_residual) < 1e-6 * np.abs(n @ residual)   # normal equation of the fit holds
 
 
 def test_trainer_fits_reference_energy_scale_and_shift_on_the_training_split(tmp_path):

@@ -8,6 +8,11 @@
 * ``shift`` (eV/atom): mean per-atom residual ``(E - C E0) / n``;
 * ``scale`` (eV or eV/Å): RMS of the force components (``rms_forces``) or RMS of the per-atom energy residual
   about the shift (``rms_energy``).
+
+After training, :func:`refit_reference_energies` can re-solve the same least-squares problem for ``E0`` on the
+residuals of the trained model. When every structure has the same composition (one molecule's MD), the loss
+barely constrains the energy zero and it drifts during long force-dominated training; the refit removes that
+offset without changing forces or stress.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ import torch
 
 log = logging.getLogger("matkit.training")
 
-__all__ = ["DatasetStatistics", "collect_statistics", "fit_reference_energies", "resolve_reference_energies"]
+__all__ = ["DatasetStatistics", "collect_statistics", "fit_reference_energies", "resolve_reference_energies",
+           "refit_reference_energies"]
 
 
 @dataclass
@@ -126,3 +132,38 @@ def resolve_scale_shift(scale_setting, shift_setting, stats: DatasetStatistics, 
         log.warning("data-derived scale %r is not positive; using 1.0", scale)
         scale = 1.0
     return float(scale), float(shift)
+
+
+def refit_reference_energies(model, dataset, indices: Sequence[int], batch_size: int = 16,
+                             device="cpu") -> np.ndarray:
+    """Correct ``model.atomic_reference_energies`` in place by least squares on the trained model's residuals.
+
+    Solves ``min || C dE0 - (E - E_model) ||^2`` over ``dataset[indices]`` (the training split; ``C`` the element
+    counts, ``E`` the labelled total energies, eV) and adds ``dE0`` (S,) eV to the reference energies, which are
+    per-element constants: forces and stress do not change. The model's residuals are computed in float64.
+    Returns ``dE0``.
+    """
+    import copy
+
+    from .evaluate import evaluate_model
+
+    stats = collect_statistics(dataset, indices, model.species)
+    if len(stats.energies) == 0:
+        raise ValueError("cannot refit reference energies: no structure in the split has an energy label")
+    model64 = copy.deepcopy(model).to(torch.float64)
+    result = evaluate_model(model64, dataset, batch_size=batch_size, device=device, dtype=torch.float64,
+                            indices=indices, collect=True)
+    arrays = result.predictions.arrays()
+    natoms = stats.natoms
+    labelled = arrays["energy_ref"] * natoms
+    if labelled.shape != stats.energies.shape or not np.allclose(labelled, stats.energies, rtol=1e-9, atol=1e-6):
+        raise RuntimeError("refit_reference_energies: predicted and labelled energies are not aligned")
+    residual = stats.energies - arrays["energy_pred"] * natoms
+    delta = fit_reference_energies(DatasetStatistics(stats.counts, residual, 0.0, 0))
+    with torch.no_grad():
+        refs = model.atomic_reference_energies
+        refs += torch.as_tensor(delta, dtype=refs.dtype, device=refs.device)
+    log.info("reference energies refitted on %d structures: mean |residual| %.4g -> %.4g eV/atom",
+             len(residual), float(np.mean(np.abs(residual / natoms))),
+             float(np.mean(np.abs((residual - stats.counts @ delta) / natoms))))
+    return delta
