@@ -131,6 +131,8 @@ def main(argv=None) -> int:
                      if line.startswith("# hardware:")), "CPU, 1 thread")
     stage_configs = "".join(f"\n`{p.name}`:\n\n```yaml\n{p.read_text().strip()}\n```\n" for p in stages)
 
+    publish_command = f"python potentials/publish.py {args.name}" + (" --refit-references" if args.refit_references else "")
+
     def err(key, scale=1000.0):
         value = errors.get(key)
         return "n/a" if value is None or not np.isfinite(value) else f"{value * scale:.2f}"
@@ -178,7 +180,7 @@ calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} 
 
 ```bash
 {stage_commands}matkit train potentials/{args.name}/config.yaml          # writes runs/potentials/{args.name}/
-python potentials/publish.py {args.name}{' --refit-references' if args.refit_references else ''}                 # copies best.pt here, evaluates, writes this card
+{publish_command}{" " * (2 if args.refit_references else 17)}# copies best.pt here, evaluates, writes this card
 ```
 {stage_configs}
 `config.yaml`:
