@@ -9,6 +9,10 @@ float64 (``matkit evaluate ... --split val``), times energy+forces on a typical 
 ``potentials/NAME/config.yaml`` (earlier stages of a multi-stage training in ``stage*.yaml``); hand-written card
 sections in ``potentials/NAME/card_extra.md`` are copied into the card before "Reproduce".
 
+``--test DATASET`` (repeatable) also evaluates the published model on a labelled dataset never used in training
+(for example the same molecule sampled at a higher temperature): the errors go to ``test_errors.json`` and a card
+section.
+
 ``--refit-references`` re-solves the per-element reference energies by least squares on the trained model's
 residuals over the training split before publishing (``matkit.training.stats.refit_reference_energies``): for
 data of one composition the energy zero drifts in long force-dominated training; forces and stress do not change.
@@ -32,6 +36,13 @@ DATA_CARDS = {
     "acetylacetone": ("BOTNet acetylacetone 300 K MD (Batatia et al. 2022), DFT; MIT",
                       "total DFT energies of the source (the per-element reference energies are fitted; every frame is "
                       "C5H8O2, so only their sum over the molecule is determined and the single values mean nothing)"),
+}
+
+# what a --test dataset measures, by file name
+TEST_NOTES = {
+    "acetylacetone_600K": "500 geometries from a 600 K MD run (BOTNet `train_600K.xyz`, the same DFT settings as the "
+                          "300 K training data). The model saw only 300 K geometries, so this measures extrapolation "
+                          "to hotter, more distorted molecules.",
 }
 
 
@@ -66,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--run", default=None, help="run folder (default runs/potentials/NAME)")
     parser.add_argument("--refit-references", action="store_true",
                         help="refit the reference energies on the training split's residuals (forces unchanged)")
+    parser.add_argument("--test", action="append", default=[], metavar="DATASET",
+                        help="also evaluate on this labelled dataset (never used in training); repeatable")
     args = parser.parse_args(argv)
 
     import matkit
@@ -95,6 +108,7 @@ def main(argv=None) -> int:
                     "--split", "val", "--dtype", "float64", "--json", str(errors_path), "--no-progress", *plots],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     errors = json.loads(errors_path.read_text())["metrics"]
+    test_section = evaluate_test_sets(folder, args.test, dataset)
 
     species = [int(z) for z in model.species]
     atoms, label = timing_structure(species)
@@ -131,7 +145,11 @@ def main(argv=None) -> int:
                      if line.startswith("# hardware:")), "CPU, 1 thread")
     stage_configs = "".join(f"\n`{p.name}`:\n\n```yaml\n{p.read_text().strip()}\n```\n" for p in stages)
 
-    publish_command = f"python potentials/publish.py {args.name}" + (" --refit-references" if args.refit_references else "")
+    publish_command = (f"python potentials/publish.py {args.name}"
+                       + (" --refit-references" if args.refit_references else "")
+                       + "".join(f" --test {path}" for path in args.test))
+    # the comment column of the train line above it, or two spaces after a longer command
+    publish_pad = " " * max(2, 46 + len(args.name) - len(publish_command))
 
     def err(key, scale=1000.0):
         value = errors.get(key)
@@ -167,7 +185,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | forces (meV/Å, per component) | {err('forces_mae')} | {err('forces_rmse')} |
 | stress (meV/Å^3, per component) | {err('stress_mae')} | {err('stress_rmse')} |
 
-{ARCHITECTURE_NOTES.get(payload['model'], '')}
+{test_section}{ARCHITECTURE_NOTES.get(payload['model'], '')}
 
 Parity plots: `parity_energy.png`, `parity_forces.png`; learning curves: `metrics.csv`.
 
@@ -180,7 +198,7 @@ calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} 
 
 ```bash
 {stage_commands}matkit train potentials/{args.name}/config.yaml          # writes runs/potentials/{args.name}/
-{publish_command}{" " * (2 if args.refit_references else 17)}# copies best.pt here, evaluates, writes this card
+{publish_command}{publish_pad}# copies best.pt here, evaluates, writes this card
 ```
 {stage_configs}
 `config.yaml`:
@@ -212,6 +230,44 @@ def refit_and_save(model, meta, dataset_path, out) -> str:
     shifts = ", ".join(f"{s} {1000 * d:+.2f} meV" for s, d in zip(matkit_symbols(model.species), delta))
     return (f" (refitted after training by least squares on the model's residuals over the training split: {shifts}; "
             "this moves only the energy zero, forces and stress are unchanged)")
+
+
+def evaluate_test_sets(folder, datasets, train_dataset) -> str:
+    """Evaluate ``folder/model.pt`` on each of ``datasets`` (float64, all structures); write ``test_errors.json``
+    (a list of ``matkit evaluate --json`` results) and return the card section ("" without datasets)."""
+    import tempfile
+
+    results = []
+    for path in datasets:
+        path = Path(path).resolve()
+        if path == (ROOT / train_dataset).resolve():
+            raise SystemExit(f"--test {path}: that is the training dataset; its held-out split is already reported")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "errors.json"
+            subprocess.run([sys.executable, "-m", "matkit.cli", "evaluate", str(folder / "model.pt"), str(path),
+                            "--dtype", "float64", "--json", str(out), "--no-progress"],
+                           check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            result = json.loads(out.read_text())
+        result["dataset"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+        result["checkpoint"] = "model.pt"
+        results.append(result)
+    test_path = folder / "test_errors.json"
+    if not results:
+        test_path.unlink(missing_ok=True)
+        return ""
+    test_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    def cell(metrics, key):
+        value = metrics.get(key)
+        return "n/a" if value is None or not np.isfinite(value) else f"{value * 1000:.2f}"
+
+    rows = "".join(f"| `{r['dataset']}` | {r['structures']} | {cell(r['metrics'], 'energy_mae')} / "
+                   f"{cell(r['metrics'], 'energy_rmse')} | {cell(r['metrics'], 'forces_mae')} / "
+                   f"{cell(r['metrics'], 'forces_rmse')} |\n" for r in results)
+    notes = "".join(f"{note}\n" for key, note in TEST_NOTES.items() if any(key in r["dataset"] for r in results))
+    return ("## Test on data never used in training (float64, all structures, `test_errors.json`)\n\n"
+            "| dataset | structures | energy MAE / RMSE (meV/atom) | forces MAE / RMSE (meV/Å) |\n"
+            f"|---|---|---|---|\n{rows}\n" + (f"{notes}\n" if notes else ""))
 
 
 def matkit_symbols(species):

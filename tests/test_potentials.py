@@ -23,6 +23,16 @@ def test_every_architecture_is_bundled_on_si_and_acetylacetone():
         assert f"{arch}-si" in POTENTIALS and f"{arch}-acac" in POTENTIALS
 
 
+def assert_same_errors(result, card):
+    """``result`` (a fresh ``matkit evaluate --json``) reproduces the stated ``card`` errors."""
+    assert result["structures"] == card["structures"]
+    for key, value in card["metrics"].items():
+        if value is None:
+            assert result["metrics"][key] is None, key
+        else:
+            assert result["metrics"][key] == pytest.approx(value, rel=1e-6), key
+
+
 @pytest.mark.parametrize("name", POTENTIALS)
 def test_validation_errors_match_the_model_card(name, tmp_path):
     folder = ROOT / "potentials" / name
@@ -32,13 +42,25 @@ def test_validation_errors_match_the_model_card(name, tmp_path):
     rc = matkit_main(["evaluate", str(folder / "model.pt"), str(dataset), "--split", "val", "--dtype", "float64",
                       "--json", str(out), "--no-progress"])
     assert rc == 0
-    result = json.loads(out.read_text())
-    assert result["structures"] == card["structures"]
-    for key, value in card["metrics"].items():
-        if value is None:
-            assert result["metrics"][key] is None, key
-        else:
-            assert result["metrics"][key] == pytest.approx(value, rel=1e-6), key
+    assert_same_errors(json.loads(out.read_text()), card)
+
+
+TESTED = [(p.parent.name, i) for p in sorted((ROOT / "potentials").glob("*/test_errors.json"))
+          for i in range(len(json.loads(p.read_text())))]
+
+
+@pytest.mark.parametrize("name,index", TESTED)
+def test_test_set_errors_match_the_model_card(name, index, tmp_path):
+    """The errors on data never used in training (``publish.py --test``) are reproduced from ``model.pt``."""
+    folder = ROOT / "potentials" / name
+    card = json.loads((folder / "test_errors.json").read_text())[index]
+    train_dataset = json.loads((folder / "val_errors.json").read_text())["dataset"]
+    assert Path(card["dataset"]).name != Path(train_dataset).name
+    out = tmp_path / "errors.json"
+    rc = matkit_main(["evaluate", str(folder / "model.pt"), str(ROOT / card["dataset"]), "--dtype", "float64",
+                      "--json", str(out), "--no-progress"])
+    assert rc == 0
+    assert_same_errors(json.loads(out.read_text()), card)
 
 
 @pytest.mark.parametrize("name", POTENTIALS)
