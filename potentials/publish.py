@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     source, energy_scale = next(v for k, v in DATA_CARDS.items() if k in dataset)
     config_text = (folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else "(not found)"
     # multi-stage training: potentials/NAME/stage1.yaml, stage2.yaml, ... run before config.yaml (the final stage)
-    stages = sorted(folder.glob("stage*.yaml"))
+    stages = sorted(folder.glob("stage*.yaml"), key=lambda path: int(path.stem.removeprefix("stage")))
     stage_note = (f" (final stage of {len(stages) + 1}; earlier stages: {', '.join(f'`{p.name}`' for p in stages)})"
                   if stages else "")
     stage_commands = "".join(f"matkit train potentials/{args.name}/{p.name}\n" for p in stages)
@@ -267,7 +267,7 @@ def evaluate_test_sets(folder, datasets, train_dataset) -> str:
     notes = "".join(f"{note}\n" for key, note in TEST_NOTES.items() if any(key in r["dataset"] for r in results))
     return ("## Test on data never used in training (float64, all structures, `test_errors.json`)\n\n"
             "| dataset | structures | energy MAE / RMSE (meV/atom) | forces MAE / RMSE (meV/Å) |\n"
-            f"|---|---|---|---|\n{rows}\n" + (f"{notes}\n" if notes else ""))
+            f"|---|---|---|---|\n{rows}\n{notes}")
 
 
 def matkit_symbols(species):
