@@ -151,9 +151,8 @@ def main(argv=None) -> int:
     # the comment column of the train line above it, or two spaces after a longer command
     publish_pad = " " * max(2, 46 + len(args.name) - len(publish_command))
 
-    def err(key, scale=1000.0):
-        value = errors.get(key)
-        return "n/a" if value is None or not np.isfinite(value) else f"{value * scale:.2f}"
+    def err(key):
+        return in_milli(errors.get(key))
 
     card = f"""# {args.name}
 
@@ -213,6 +212,11 @@ calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} 
     return 0
 
 
+def in_milli(value) -> str:
+    """An error in eV-based units as a card cell in meV-based units (two decimals), or "n/a" when missing."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value * 1000:.2f}"
+
+
 def refit_and_save(model, meta, dataset_path, out) -> str:
     """Refit ``model``'s reference energies on its training split, save it to ``out``; return a card note."""
     import torch
@@ -257,13 +261,9 @@ def evaluate_test_sets(folder, datasets, train_dataset) -> str:
         return ""
     test_path.write_text(json.dumps(results, indent=2) + "\n")
 
-    def cell(metrics, key):
-        value = metrics.get(key)
-        return "n/a" if value is None or not np.isfinite(value) else f"{value * 1000:.2f}"
-
-    rows = "".join(f"| `{r['dataset']}` | {r['structures']} | {cell(r['metrics'], 'energy_mae')} / "
-                   f"{cell(r['metrics'], 'energy_rmse')} | {cell(r['metrics'], 'forces_mae')} / "
-                   f"{cell(r['metrics'], 'forces_rmse')} |\n" for r in results)
+    rows = "".join(f"| `{r['dataset']}` | {r['structures']} | {in_milli(r['metrics'].get('energy_mae'))} / "
+                   f"{in_milli(r['metrics'].get('energy_rmse'))} | {in_milli(r['metrics'].get('forces_mae'))} / "
+                   f"{in_milli(r['metrics'].get('forces_rmse'))} |\n" for r in results)
     notes = "".join(f"{note}\n" for key, note in TEST_NOTES.items() if any(key in r["dataset"] for r in results))
     return ("## Test on data never used in training (float64, all structures, `test_errors.json`)\n\n"
             "| dataset | structures | energy MAE / RMSE (meV/atom) | forces MAE / RMSE (meV/Å) |\n"
