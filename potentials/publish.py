@@ -97,13 +97,14 @@ def main(argv=None) -> int:
         shutil.copyfile(best, folder / "model.pt")
     # parity plots come from the training run; a run without them (run.parity_plots=false) or a refitted model
     # gets them here
-    copied = ("metrics.csv",) if args.refit_references else ("parity_energy.png", "parity_forces.png", "metrics.csv")
+    reuse_plots = (run / "parity_forces.png").exists() and not args.refit_references
+    copied = ("parity_energy.png", "parity_forces.png", "metrics.csv") if reuse_plots else ("metrics.csv",)
     for extra in copied:
         if (run / extra).exists():
             shutil.copyfile(run / extra, folder / extra)
 
     errors_path = folder / "val_errors.json"
-    plots = [] if (run / "parity_forces.png").exists() and not args.refit_references else ["--plots", str(folder)]
+    plots = [] if reuse_plots else ["--plots", str(folder)]
     subprocess.run([sys.executable, "-m", "matkit.cli", "evaluate", str(folder / "model.pt"), str(ROOT / dataset),
                     "--split", "val", "--dtype", "float64", "--json", str(errors_path), "--no-progress", *plots],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
