@@ -23,6 +23,15 @@ def test_every_architecture_is_bundled_on_si_and_acetylacetone():
         assert f"{arch}-si" in POTENTIALS and f"{arch}-acac" in POTENTIALS
 
 
+def evaluate_float64(model, dataset, tmp_path, *options):
+    """``matkit evaluate MODEL DATASET --dtype float64 [options]``: the JSON it writes, as a dict."""
+    out = tmp_path / "errors.json"
+    rc = matkit_main(["evaluate", str(model), str(dataset), "--dtype", "float64", "--json", str(out),
+                      "--no-progress", *options])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
 def assert_same_errors(result, card):
     """``result`` (a fresh ``matkit evaluate --json``) reproduces the stated ``card`` errors."""
     assert result["structures"] == card["structures"]
@@ -38,11 +47,7 @@ def test_validation_errors_match_the_model_card(name, tmp_path):
     folder = ROOT / "potentials" / name
     card = json.loads((folder / "val_errors.json").read_text())
     dataset = ROOT / "datasets" / Path(card["dataset"]).name
-    out = tmp_path / "errors.json"
-    rc = matkit_main(["evaluate", str(folder / "model.pt"), str(dataset), "--split", "val", "--dtype", "float64",
-                      "--json", str(out), "--no-progress"])
-    assert rc == 0
-    assert_same_errors(json.loads(out.read_text()), card)
+    assert_same_errors(evaluate_float64(folder / "model.pt", dataset, tmp_path, "--split", "val"), card)
 
 
 TESTED = [(p.parent.name, i) for p in sorted((ROOT / "potentials").glob("*/test_errors.json"))
@@ -56,11 +61,7 @@ def test_test_set_errors_match_the_model_card(name, index, tmp_path):
     card = json.loads((folder / "test_errors.json").read_text())[index]
     train_dataset = json.loads((folder / "val_errors.json").read_text())["dataset"]
     assert Path(card["dataset"]).name != Path(train_dataset).name
-    out = tmp_path / "errors.json"
-    rc = matkit_main(["evaluate", str(folder / "model.pt"), str(ROOT / card["dataset"]), "--dtype", "float64",
-                      "--json", str(out), "--no-progress"])
-    assert rc == 0
-    assert_same_errors(json.loads(out.read_text()), card)
+    assert_same_errors(evaluate_float64(folder / "model.pt", ROOT / card["dataset"], tmp_path), card)
 
 
 @pytest.mark.parametrize("name", POTENTIALS)
