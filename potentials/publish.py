@@ -12,6 +12,8 @@ sections in ``potentials/NAME/card_extra.md`` are copied into the card before "R
 ``--test DATASET`` (repeatable) also evaluates the published model on a labelled dataset never used in training
 (for example the same molecule sampled at a higher temperature): the errors go to ``test_errors.json`` and a card
 section.
+To add ``--test`` to a potential whose run folder is gone, copy its ``model.pt`` to ``RUN/best.pt`` and pass
+``--run RUN``: the card keeps the training sentence it states (the run log is what it comes from otherwise).
 
 ``--refit-references`` re-solves the per-element reference energies by least squares on the trained model's
 residuals over the training split before publishing (``matkit.training.stats.refit_reference_energies``): for
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -130,8 +133,7 @@ def main(argv=None) -> int:
     t64 = time_energy_forces(MatkitCalculator(model, dtype="float64"), atoms)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log = (run / "train.log").read_text().splitlines() if (run / "train.log").exists() else []
-    wall = next((line for line in reversed(log) if "finished after" in line), "").split("; checkpoints in")[0]
+    wall = finished_sentence(run, folder)
     source, energy_scale = next(v for k, v in DATA_CARDS.items() if k in dataset)
     config_text = (folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else "(not found)"
     # multi-stage training: potentials/NAME/stage1.yaml, stage2.yaml, ... run before config.yaml (the final stage)
@@ -151,6 +153,9 @@ def main(argv=None) -> int:
                        + "".join(f" --test {path}" for path in args.test))
     # the comment column of the train line above it, or two spaces after a longer command
     publish_pad = " " * max(2, 46 + len(args.name) - len(publish_command))
+
+    # paragraphs between the validation table and the plots line, each followed by a blank line
+    notes = "".join(f"{part}\n\n" for part in (test_section, ARCHITECTURE_NOTES.get(payload["model"], "")) if part)
 
     def err(key):
         return in_milli(errors.get(key))
@@ -172,7 +177,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | training data | `{dataset}`: {source} |
 | split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: a seeded random 10 % validation split held out of training (seed 0). No separate test split exists for this data, so these are validation errors, not test errors. |
 | energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)}{refit_note} |
-| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}){stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall.split('INFO ')[-1] if wall else ''} |
+| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}){stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall} |
 | forces / stress | conservative: autograd of the energy (positions and a symmetric strain) |
 | weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; loads with `weights_only=True`) |
 | license | weights: same terms as the training data ({source.split(';')[-1].strip()}); code: MIT |
@@ -185,9 +190,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | forces (meV/Å, per component) | {err('forces_mae')} | {err('forces_rmse')} |
 | stress (meV/Å^3, per component) | {err('stress_mae')} | {err('stress_rmse')} |
 
-{test_section}{ARCHITECTURE_NOTES.get(payload['model'], '')}
-
-Parity plots: `parity_energy.png`, `parity_forces.png`; learning curves: `metrics.csv`.
+{notes}Parity plots: `parity_energy.png`, `parity_forces.png`; learning curves: `metrics.csv`.
 
 ## Speed
 
@@ -211,6 +214,18 @@ calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} 
     print(f"published {args.name}: val E MAE {err('energy_mae')} meV/atom, F MAE {err('forces_mae')} meV/Å; "
           f"EF {t32 * 1e3:.1f} ms (f32) / {t64 * 1e3:.1f} ms (f64) on {label}")
     return 0
+
+
+def finished_sentence(run, folder) -> str:
+    """The run log's "finished after N epochs, ..." sentence for the card; without a run log (republishing a bundled
+    model from a copy of its ``model.pt``, e.g. to add ``--test``), the sentence the existing card states."""
+    log = run / "train.log"
+    if log.exists():
+        line = next((line for line in reversed(log.read_text().splitlines()) if "finished after" in line), "")
+        return line.split("; checkpoints in")[0].split("INFO ")[-1]
+    card = folder / "README.md"
+    match = re.search(r"finished after [^|]*?(?= \|)", card.read_text()) if card.exists() else None
+    return match.group(0) if match else ""
 
 
 def in_milli(value) -> str:
@@ -265,10 +280,10 @@ def evaluate_test_sets(folder, datasets, train_dataset) -> str:
     rows = "".join(f"| `{r['dataset']}` | {r['structures']} | {in_milli(r['metrics'].get('energy_mae'))} / "
                    f"{in_milli(r['metrics'].get('energy_rmse'))} | {in_milli(r['metrics'].get('forces_mae'))} / "
                    f"{in_milli(r['metrics'].get('forces_rmse'))} |\n" for r in results)
-    notes = "".join(f"{note}\n" for key, note in TEST_NOTES.items() if any(key in r["dataset"] for r in results))
+    notes = "".join(f"{note}\n\n" for key, note in TEST_NOTES.items() if any(key in r["dataset"] for r in results))
     return ("## Test on data never used in training (float64, all structures, `test_errors.json`)\n\n"
             "| dataset | structures | energy MAE / RMSE (meV/atom) | forces MAE / RMSE (meV/Å) |\n"
-            f"|---|---|---|---|\n{rows}\n{notes}")
+            f"|---|---|---|---|\n{rows}\n{notes}").strip()
 
 
 def matkit_symbols(species):

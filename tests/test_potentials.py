@@ -4,6 +4,7 @@ errors its model card states (``val_errors.json``, written by ``potentials/publi
 This ties the published numbers to the current code: a change in a model's numerics, in the checkpoint loader or in
 the data pipeline that alters the predictions of a trained potential fails here.
 """
+import importlib.util
 import json
 from pathlib import Path
 
@@ -62,6 +63,19 @@ def test_test_set_errors_match_the_model_card(name, index, tmp_path):
     train_dataset = json.loads((folder / "val_errors.json").read_text())["dataset"]
     assert Path(card["dataset"]).name != Path(train_dataset).name
     assert_same_errors(evaluate_float64(folder / "model.pt", ROOT / card["dataset"], tmp_path), card)
+
+
+def test_publish_takes_the_training_sentence_from_the_run_log_else_from_the_card(tmp_path):
+    """Republishing without the run folder (``--run`` with a copy of ``model.pt``) keeps what the card said."""
+    spec = importlib.util.spec_from_file_location("publish", ROOT / "potentials" / "publish.py")
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    folder = ROOT / "potentials" / "escn-acac"
+    assert (publish.finished_sentence(tmp_path, folder)
+            == "finished after 230 epochs, 6670 steps; best validation loss 0.0138661")
+    (tmp_path / "train.log").write_text("12:00:00 INFO epoch 5 ...\n12:00:01 INFO finished after 5 epochs, 10 steps; "
+                                        "best validation loss 0.5; checkpoints in runs/x\n")
+    assert publish.finished_sentence(tmp_path, folder) == "finished after 5 epochs, 10 steps; best validation loss 0.5"
 
 
 @pytest.mark.parametrize("name", POTENTIALS)
