@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     publish_pad = " " * max(2, 46 + len(args.name) - len(publish_command))
 
     # paragraphs between the validation table and the plots line, each followed by a blank line
-    notes = "".join(f"{part}\n\n" for part in (test_section, ARCHITECTURE_NOTES.get(payload["model"], "")) if part)
+    paragraphs = "".join(f"{part}\n\n" for part in (test_section, ARCHITECTURE_NOTES.get(payload["model"], "")) if part)
 
     def err(key):
         return in_milli(errors.get(key))
@@ -190,7 +190,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | forces (meV/Å, per component) | {err('forces_mae')} | {err('forces_rmse')} |
 | stress (meV/Å^3, per component) | {err('stress_mae')} | {err('stress_rmse')} |
 
-{notes}Parity plots: `parity_energy.png`, `parity_forces.png`; learning curves: `metrics.csv`.
+{paragraphs}Parity plots: `parity_energy.png`, `parity_forces.png`; learning curves: `metrics.csv`.
 
 ## Speed
 
