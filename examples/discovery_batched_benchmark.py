@@ -1,7 +1,7 @@
 """Batched FIRE/Frechet relaxer vs the ASE path (FIRE(FrechetCellFilter) + MatkitCalculator), same model, CPU.
 
-Model: Lennard-Jones with a smooth cutoff (sigma 2 Å, epsilon 0.05 eV, rc 5 Å) for every element: there is no
-trained matkit model yet, and LJ is exact and smooth, so both paths must reach the same minima. (LJ is not a
+Default model: Lennard-Jones with a smooth cutoff (sigma 2 Å, epsilon 0.05 eV, rc 5 Å) for every element (no bundled
+potential covers these elements; LJ is exact and smooth, so both paths must reach the same minima). (LJ is not a
 physical model of these oxides/intermetallics; the relaxations are long, 30-150 FIRE steps, which is what a
 throughput test needs.) Structures: the first N MP-20 crystals of shared/data/cdvae_mp20_subset (val, then train).
 
