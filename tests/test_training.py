@@ -329,6 +329,50 @@ def test_cli_train_and_evaluate_agree_with_ase(tmp_path, capsys):
     assert "config key 'optim.lr' must be a number" in capsys.readouterr().err
 
 
+def test_cli_evaluate_per_element_force_errors(tmp_path, capsys):
+    """`matkit evaluate --per-element` splits the force errors by element; reference: the calculator, atom by atom."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from matkit.data.hdf5 import FrameFile
+
+    frames = FrameFile(str(ROOT / "datasets/acetylacetone_300K.h5"))
+    images = []
+    for k in range(0, 60, 10):  # six C5H8O2 molecules
+        a = frames.read_arrays(k)
+        atoms = Atoms(numbers=a["atomic_numbers"], positions=a["positions"])
+        atoms.calc = SinglePointCalculator(atoms, energy=float(a["energy"]), forces=a["forces"])
+        images.append(atoms)
+    data = tmp_path / "acac.extxyz"
+    ase.io.write(data, images, format="extxyz")
+    model = ROOT / "potentials/tensornet-acac/model.pt"
+    out_json = tmp_path / "errors.json"
+    assert matkit_main(["evaluate", str(model), str(data), "--dtype", "float64", "--per-element", "--json",
+                        str(out_json), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "forces of" in table and "\nC " in table
+    report = json.loads(out_json.read_text())
+    by_element = report["forces_by_element"]
+    assert sorted(by_element) == ["C", "H", "O"]
+
+    calc = MatkitCalculator(model, dtype="float64", skin=0.0)
+    diffs = {"H": [], "C": [], "O": []}
+    for atoms in images:
+        ref = atoms.get_forces()
+        copy = atoms.copy()
+        copy.calc = calc
+        for symbol, d in zip(copy.get_chemical_symbols(), copy.get_forces() - ref):
+            diffs[symbol].append(d)
+    for symbol, rows in diffs.items():
+        d = np.concatenate(rows)
+        assert by_element[symbol]["components"] == d.size == 3 * len(rows)
+        assert by_element[symbol]["mae"] == pytest.approx(np.abs(d).mean(), rel=1e-9)
+        assert by_element[symbol]["rmse"] == pytest.approx(np.sqrt((d ** 2).mean()), rel=1e-9)
+    # the element rows recombine to the overall force MAE
+    total = sum(row["mae"] * row["components"] for row in by_element.values()) / 270
+    assert report["metrics"]["forces_mae"] == pytest.approx(total, rel=1e-12)
+
+
 def test_lr_schedules():
     from matkit.training.schedule import LRSchedule
 

@@ -4,7 +4,7 @@
 
     matkit train config.yaml [optim.lr=1e-3 run.out_dir=runs/x ...] [--resume [latest.pt]]
     torchrun --nproc_per_node=4 $(which matkit) train config.yaml      # data-parallel (also srun)
-    matkit evaluate runs/x/best.pt datasets/si.h5 [--json errors.json] [--indices val]
+    matkit evaluate runs/x/best.pt datasets/si.h5 [--json errors.json] [--split val] [--per-element]
 """
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     evaluate.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     evaluate.add_argument("--plots", metavar="DIR", help="also write parity plots (parity_energy.png, "
                                                           "parity_forces.png, ...) into DIR")
+    evaluate.add_argument("--per-element", action="store_true",
+                          help="also print (and with --json write) the force errors split by element")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -78,7 +80,8 @@ def run_evaluate(args) -> int:
 
     from ..checkpoint import CheckpointError, load_checkpoint
     from .datasets import load_dataset
-    from .evaluate import evaluate_model, format_metrics_table, metrics_json
+    from .evaluate import (evaluate_model, force_errors_by_element, format_element_table, format_metrics_table,
+                           metrics_json)
 
     try:
         model, payload = load_checkpoint(args.checkpoint, return_payload=True)
@@ -110,14 +113,18 @@ def run_evaluate(args) -> int:
 
         progress = lambda it: tqdm(it, desc="evaluate")  # noqa: E731
     result = evaluate_model(model, dataset, batch_size=args.batch_size, device=args.device, dtype=dtype,
-                            indices=indices, collect=bool(args.plots), progress=progress)
+                            indices=indices, collect=bool(args.plots or args.per_element), progress=progress)
     n = len(dataset) if indices is None else len(indices)
     metrics = result.metrics()
     print(f"{payload['model']} checkpoint {args.checkpoint} on {args.dataset} ({args.split}):")
     print(format_metrics_table(metrics, n))
+    extra = {}
+    if args.per_element:
+        extra["forces_by_element"] = force_errors_by_element(result.predictions.arrays())
+        print(format_element_table(extra["forces_by_element"]))
     if args.json:
         Path(args.json).write_text(metrics_json(metrics, checkpoint=str(args.checkpoint), dataset=str(args.dataset),
-                                                split=args.split, structures=n) + "\n")
+                                                split=args.split, structures=n, **extra) + "\n")
     if args.plots:
         from .plots import write_parity_plots
 

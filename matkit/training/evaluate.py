@@ -46,8 +46,9 @@ class Predictions:
     energy_ref: List[np.ndarray] = field(default_factory=list)
     forces_pred: List[np.ndarray] = field(default_factory=list)
     forces_ref: List[np.ndarray] = field(default_factory=list)
+    forces_z: List[np.ndarray] = field(default_factory=list)   # atomic number of each force component
 
-    def add(self, pred, targets) -> None:
+    def add(self, pred, targets, atomic_numbers: torch.Tensor) -> None:
         natoms = targets.natoms.to(torch.float64)
         mask = targets.energy_mask
         self.energy_pred.append((pred["energy"].detach() / natoms)[mask].cpu().numpy())
@@ -56,11 +57,35 @@ class Predictions:
             fmask = targets.forces_mask
             self.forces_pred.append(pred["forces"].detach()[fmask].reshape(-1).double().cpu().numpy())
             self.forces_ref.append(targets.forces[fmask].reshape(-1).double().cpu().numpy())
+            self.forces_z.append(np.repeat(atomic_numbers[fmask].cpu().numpy(), 3))
 
     def arrays(self) -> Dict[str, np.ndarray]:
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
         return {"energy_pred": cat(self.energy_pred), "energy_ref": cat(self.energy_ref),
-                "forces_pred": cat(self.forces_pred), "forces_ref": cat(self.forces_ref)}
+                "forces_pred": cat(self.forces_pred), "forces_ref": cat(self.forces_ref),
+                "forces_z": cat(self.forces_z).astype(np.int64)}
+
+
+def force_errors_by_element(arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
+    """Force-component errors split by the element of the atom: ``{symbol: {components, mae, rmse}}`` (eV/Å),
+    from :meth:`Predictions.arrays`. Shows which species carry the error (e.g. the heavy atoms of a molecule)."""
+    from ase.data import chemical_symbols
+
+    diff = arrays["forces_pred"] - arrays["forces_ref"]
+    out = {}
+    for z in np.unique(arrays["forces_z"]):
+        d = diff[arrays["forces_z"] == z]
+        out[chemical_symbols[int(z)]] = {"components": int(d.size), "mae": float(np.abs(d).mean()),
+                                         "rmse": float(np.sqrt((d ** 2).mean()))}
+    return out
+
+
+def format_element_table(by_element: Dict[str, Dict[str, float]]) -> str:
+    """A fixed-width text table of :func:`force_errors_by_element` in meV/Å."""
+    lines = [f"{'forces of':<10}{'components':>12}{'MAE':>12}{'RMSE':>12}   (meV/Å)"]
+    for symbol, row in by_element.items():
+        lines.append(f"{symbol:<10}{row['components']:>12d}{1000 * row['mae']:12.3f}{1000 * row['rmse']:12.3f}")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -113,7 +138,7 @@ def run_inference(model, loader, device: torch.device, dtype: torch.dtype, stres
                                 9.0 * float(targets.stress_mask.sum()) if want_stress else 0.0],
                                dtype=torch.float64, device=device)
         if predictions is not None:
-            predictions.add(pred, targets)
+            predictions.add(pred, targets, batch.atomic_numbers)
     if reduce:
         all_reduce_sum(errors.sums)
         all_reduce_sum(loss_sums)
