@@ -70,9 +70,13 @@ def test_publish_takes_the_training_sentence_from_the_run_log_else_from_the_card
     spec = importlib.util.spec_from_file_location("publish", ROOT / "potentials" / "publish.py")
     publish = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(publish)
-    folder = ROOT / "potentials" / "escn-acac"
+    folder = tmp_path / "card"
+    folder.mkdir()
+    (folder / "README.md").write_text("| training | best checkpoint after epoch 230, EMA weights; a CPU. finished after "
+                                      "230 epochs, 6670 steps; best validation loss 0.0138661 |\n| forces | ... |\n")
     assert (publish.finished_sentence(tmp_path, folder)
             == "finished after 230 epochs, 6670 steps; best validation loss 0.0138661")
+    assert publish.finished_sentence(tmp_path, tmp_path / "no-card") == ""
     (tmp_path / "train.log").write_text("12:00:00 INFO epoch 5 ...\n12:00:01 INFO finished after 5 epochs, 10 steps; "
                                         "best validation loss 0.5; checkpoints in runs/x\n")
     assert publish.finished_sentence(tmp_path, folder) == "finished after 5 epochs, 10 steps; best validation loss 0.5"
