@@ -6,6 +6,7 @@ the data pipeline that alters the predictions of a trained potential fails here.
 """
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,18 @@ POTENTIALS = sorted(p.parent.name for p in (ROOT / "potentials").glob("*/model.p
 def test_every_architecture_is_bundled_on_si_and_acetylacetone():
     for arch in ("tensornet", "escn", "faenet", "gaunt_mace"):
         assert f"{arch}-si" in POTENTIALS and f"{arch}-acac" in POTENTIALS
+
+
+def test_readme_table_states_each_cards_validation_errors():
+    """The README's table of bundled potentials shows every potential, with the errors its card's
+    ``val_errors.json`` holds (energy MAE in meV/atom to 2 decimals, force MAE in meV/Å to 1 decimal)."""
+    readme = (ROOT / "README.md").read_text()
+    rows = dict((m[0], m[1:]) for m in re.findall(r"^\| `([\w-]+)` \| \w+ \| `[\w.]+` \| ([\d.]+) \| ([\d.]+) \|$",
+                                                readme, flags=re.MULTILINE))
+    assert sorted(rows) == POTENTIALS
+    for name, (energy, forces) in rows.items():
+        metrics = json.loads((ROOT / "potentials" / name / "val_errors.json").read_text())["metrics"]
+        assert (energy, forces) == (f"{metrics['energy_mae'] * 1000:.2f}", f"{metrics['forces_mae'] * 1000:.1f}"), name
 
 
 def evaluate_float64(model, dataset, tmp_path, *options):
