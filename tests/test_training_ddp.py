@@ -4,6 +4,7 @@ rank 0 only. Also the launcher detection (torchrun and SLURM variables) and the 
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import ase.io
@@ -23,7 +25,8 @@ import yaml
 from matkit.checkpoint import read_checkpoint
 from matkit.cli import main as matkit_main
 from matkit.training.batching import make_batches
-from matkit.training.ddp import cleanup_distributed, detect_distributed, split_global_batch
+from matkit.training import ddp as ddp_module
+from matkit.training.ddp import all_reduce_sum, cleanup_distributed, detect_distributed, split_global_batch
 from test_training_support import mlearn_si_atoms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +123,48 @@ def test_cleanup_destroys_the_process_group(tmp_path):
     assert cleanup_distributed(timeout_s=30) is True
     assert not dist.is_initialized()
     assert cleanup_distributed() is True  # nothing left to do
+
+
+def test_tensors_of_collectives_stay_referenced_until_the_process_group_is_destroyed(tmp_path, monkeypatch):
+    # freeing a collective's tensor on a gloo worker thread must never need the GIL (pytorch/pytorch#56297)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(ddp_module, "_active", lambda: True)  # one rank, but through the real collective
+    try:
+        sums = all_reduce_sum(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        assert sums.tolist() == [1.0, 2.0]
+        alive = weakref.ref(sums)
+        del sums
+        gc.collect()
+        assert alive() is not None
+    finally:
+        assert cleanup_distributed(timeout_s=30) is True
+    gc.collect()
+    assert alive() is None
+
+
+def test_trainer_frees_the_ddp_wrapper_before_destroying_the_process_group(tmp_path, monkeypatch):
+    # the wrapper's C++ Reducer must not hold the last reference to the process group (pytorch/pytorch#56297)
+    from torch.nn.parallel import DistributedDataParallel
+
+    from matkit.training import trainer as trainer_module
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)
+    trainer.model = torch.nn.Linear(3, 1)
+    trainer.ddp_model = DistributedDataParallel(trainer.model)
+    trainer._handlers = []
+    wrapper = weakref.ref(trainer.ddp_model)
+    seen = []
+
+    def recording_cleanup(*args, **kwargs):
+        seen.append((wrapper() is None, dist.is_initialized()))
+        return cleanup_distributed(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "cleanup_distributed", recording_cleanup)
+    trainer.close()
+    assert seen == [(True, True)]
+    assert trainer.ddp_model is trainer.model
+    assert not dist.is_initialized()
 
 
 def test_cleanup_gives_up_on_a_stuck_teardown_and_shows_where(monkeypatch, caplog, capfd):

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Sequence
 
@@ -114,6 +115,7 @@ def cleanup_distributed(timeout_s: float = 60.0) -> bool:
         if watchdog:
             faulthandler.cancel_dump_traceback_later()
     if not worker.is_alive():
+        _COLLECTIVE_TENSORS.clear()  # the process group and its worker threads are gone
         return True
     log.warning("the process-group teardown did not finish within %g s (an intermittent PyTorch problem, "
                 "pytorch/pytorch#75097); this rank goes on without it. Where it is stuck:", timeout_s)
@@ -141,10 +143,19 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# Tensors recently passed to collectives, kept referenced from Python until the process group is destroyed.
+# A finished gloo collective is freed by a gloo worker thread while it holds the process group's work lock. If
+# the caller has dropped the tensor by then, freeing it needs the GIL; should the main thread meanwhile hold the
+# GIL while destroying the process group (which waits for that lock), both wait forever (pytorch/pytorch#56297).
+# Kept alive here, the tensors are freed by Python later and the worker threads never need the GIL.
+_COLLECTIVE_TENSORS: deque = deque(maxlen=256)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over ranks in place (no-op for one process); returns it."""
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _COLLECTIVE_TENSORS.append(tensor)
     return tensor
 
 

@@ -23,6 +23,7 @@ the same trajectory as one process (to floating-point summation order).
 from __future__ import annotations
 
 import csv
+import gc
 import importlib
 import inspect
 import logging
@@ -265,6 +266,7 @@ class Trainer:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
             self.writer = None
+        self._free_ddp_wrapper()
         cleanup_distributed()  # before the log handlers go: it may warn
         for handler in self._handlers:
             log.removeHandler(handler)
@@ -272,6 +274,21 @@ class Trainer:
         self._handlers = []
         if hasattr(self, "_previous_deterministic"):
             torch.use_deterministic_algorithms(self._previous_deterministic)
+
+    def _free_ddp_wrapper(self) -> None:
+        """Free the DDP wrapper while the process group is still registered with ``torch.distributed``.
+
+        The wrapper's C++ ``Reducer`` holds a reference to the process group. Were it the last one, the gloo
+        process group would be destroyed with the GIL held, and its destructor waits for a worker thread
+        that may itself wait for the GIL to free a finished collective's tensors: a deadlock
+        (pytorch/pytorch#56297; it hung CI about once in 25 torchrun runs on a loaded machine). The
+        registry's own references, dropped by ``destroy_process_group``, release the GIL first."""
+        wrapper = getattr(self, "ddp_model", None)
+        if wrapper is None or wrapper is getattr(self, "model", None):
+            return
+        self.ddp_model = self.model
+        del wrapper
+        gc.collect()  # in case the wrapper is part of a reference cycle
 
     @staticmethod
     def _seed_everything(seed: int) -> None:
