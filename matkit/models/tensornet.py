@@ -17,6 +17,13 @@ torchmd-net checkpoints load (:func:`matkit.convert.torchmdnet.load_torchmdnet_t
 A graph attribute ``charge`` (B,) (total charge per structure, e) enters as torchmd-net's ``(1 + 0.1 q)``
 factor; absent means neutral.
 
+matgl's TensorNet (the MatPES universal potentials, :mod:`matkit.convert.matgl`) is the same network with three
+options set differently: ``radial_basis="smooth_bessel"`` (its smooth spherical Bessel basis, no expnorm),
+``self_loops=False`` (its graphs have no self-edges) and ``readout="gated"`` (no activation after the output
+linear; a gated MLP ``F -> F -> F -> F -> 1`` gives the atomic energies, matgl's ``WeightedReadOut``). Its other
+conventions (the order of the species-pair embedding, how the 3F edge and node factors are split into I, A, S)
+are fixed by the converter permuting weights, so they need no option.
+
 Speed: the node state is a compact (9, N, F) component-first tensor (see :mod:`matkit.nn.tensornet_blocks`);
 all distance-only edge features (basis, cutoff, edge MLPs) are computed once per *pair* of reverse edges;
 the species-pair embedding is a table over the species present, built once per call. Outside training the two
@@ -33,6 +40,7 @@ import torch
 from torch import nn
 
 from ..graph import graph_batch_vector
+from ..nn.radial_bessel import SmoothBesselBasis
 from ..nn.radial_expnorm import ExpNormalBasis, cosine_cutoff
 from ..nn.tensornet_blocks import (compose_matrix, decompose_matrix, geometric_messages, matmul_per_channel,
                                    mix_parts, neighbour_messages, reverse_pair_groups, squared_norms,
@@ -42,6 +50,8 @@ from .base import Potential, register
 __all__ = ["TensorNet"]
 
 GROUPS = ("O(3)", "SO(3)")
+RADIAL_BASES = ("expnorm", "smooth_bessel")
+READOUTS = ("mlp", "gated")
 
 
 class ShiftedSoftplus(nn.Module):
@@ -62,6 +72,26 @@ def _part_factors(factors: torch.Tensor) -> torch.Tensor:
     """Per-part factors (3, ..., F) -> per-component factors (9, ..., F) ([I, a, a, a, s, s, s, s, s])."""
     index = torch.tensor([0, 1, 1, 1, 2, 2, 2, 2, 2], device=factors.device)
     return factors.index_select(0, index)
+
+
+class GatedMLP(nn.Module):
+    """``MLP(x) * gate(x)``: two MLPs of the same widths; the value MLP has SiLU after every layer but the last,
+    the gate MLP SiLU after every layer but the last and a sigmoid after it (matgl's ``GatedMLP``, activate_last
+    False). ``forward``: (N, widths[0]) -> (N, widths[-1])."""
+
+    def __init__(self, widths: Sequence[int]):
+        super().__init__()
+
+        def mlp(last):
+            layers = []
+            for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+                layers += [nn.Linear(a, b), nn.SiLU() if k < len(widths) - 2 else last]
+            return nn.Sequential(*layers)
+
+        self.layers, self.gates = mlp(nn.Identity()), mlp(nn.Sigmoid())
+
+    def forward(self, x):
+        return self.layers(x) * self.gates(x)
 
 
 class TensorEmbedding(nn.Module):
@@ -88,7 +118,7 @@ class TensorEmbedding(nn.Module):
     def forward(self, species, src, dst, unit, group, radial_cut, self_radial_cut):
         """species (N,); src/dst (E,); unit (E, 3) torchmd-net-sign unit vectors; group (E,) pair group of
         each edge; radial_cut (G, 3F) = cutoff * distance projections per pair group; self_radial_cut (3F,) the
-        same at d = 0 -> X (9, N, F)."""
+        same at d = 0, or None for no self-loop -> X (9, N, F)."""
         n, f = species.shape[0], self.channels
         present, local = torch.unique(species, return_inverse=True)   # only the species in this graph
         table = self.pair_table(present).view(-1, f)
@@ -96,9 +126,9 @@ class TensorEmbedding(nn.Module):
         geometry = torch.cat((unit.new_ones(1, unit.shape[0]), unit.t(), traceless_outer_components(unit)), 0)
         X = geometric_messages(geometry, radial_cut.view(-1, 3, f), table, group, local[dst] * p + local[src], dst,
                                n, fused=not self.training)                  # (9, N, F)
-        # self-loop: d = 0, zero unit vector -> only the isotropic part
-        z_self = table.index_select(0, local * (p + 1))
-        X = X + torch.cat((z_self[None] * self_radial_cut[:f], X.new_zeros(8, n, f)), 0)
+        if self_radial_cut is not None:  # self-loop: d = 0, zero unit vector -> only the isotropic part
+            z_self = table.index_select(0, local * (p + 1))
+            X = X + torch.cat((z_self[None] * self_radial_cut[:f], X.new_zeros(8, n, f)), 0)
 
         scales = self.scalar_mlp(self.init_norm(total_squared_norm(X)))      # (N, 3F)
         scales = scales.view(n, 3, f).permute(1, 0, 2)
@@ -123,13 +153,14 @@ class Interaction(nn.Module):
 
     def forward(self, X, src, dst, factors, group, self_factors, charge_factor):
         """X (9, N, F); factors (G, 3F) per group of reverse edges, group (E,) the group of each edge;
-        self_factors (3F,); charge_factor (N, 1) or None -> X (9, N, F)."""
+        self_factors (3F,), or None for no self-loop; charge_factor (N, 1) or None -> X (9, N, F)."""
         n, f = X.shape[1], self.channels
         W = self.tensor_mixers
         X = X / (total_squared_norm(X) + 1.0)
         Y = mix_parts(X, W[0], W[1], W[2])
         messages = neighbour_messages(Y, factors.view(-1, 3, f), src, dst, n, group=group, fused=not self.training)
-        messages = messages + Y * _part_factors(self_factors.view(3, 1, f))
+        if self_factors is not None:
+            messages = messages + Y * _part_factors(self_factors.view(3, 1, f))
         Yf, Mf = compose_matrix(Y), compose_matrix(messages)
         if self.group == "O(3)":
             product = matmul_per_channel(Mf, Yf) + matmul_per_channel(Yf, Mf)
@@ -159,13 +190,20 @@ class TensorNet(Potential):
     cutoff_lower : lower cutoff (Å) of the basis and of the cosine switch.
     activation : "silu" (default), "tanh", "sigmoid" or "ssp".
     group : "O(3)" (anticommutator product, parity-invariant energies) or "SO(3)" (plain product).
-    trainable_rbf : make the basis means / widths trainable.
-    output_hidden_layers : extra hidden (F/2 -> F/2) layers of the output MLP (torchmd-net ``output_mlp_num_layers``).
+    trainable_rbf : make the basis means / widths trainable (expnorm only).
+    output_hidden_layers : extra hidden (F/2 -> F/2) layers of the output MLP (torchmd-net ``output_mlp_num_layers``;
+        ``readout="mlp"`` only).
+    radial_basis : "expnorm" (torchmd-net; includes a cosine cutoff) or "smooth_bessel" (matgl:
+        :class:`~matkit.nn.radial_bessel.SmoothBesselBasis` with ``num_rbf`` functions, matgl's ``max_n``).
+    self_loops : every atom also messages itself at d = 0 (torchmd-net: True; matgl: False).
+    readout : "mlp" (torchmd-net: ``act(linear)`` then F -> F/2 -> 1) or "gated" (matgl: ``linear`` then the gated
+        MLP F -> F -> F -> F -> 1 of :class:`GatedMLP`).
     """
 
     def __init__(self, species: Sequence[int] = (1, 6, 7, 8), cutoff: float = 5.0, hidden_channels: int = 128,
                  num_layers: int = 2, num_rbf: int = 32, cutoff_lower: float = 0.0, activation: str = "silu",
-                 group: str = "O(3)", trainable_rbf: bool = False, output_hidden_layers: int = 0):
+                 group: str = "O(3)", trainable_rbf: bool = False, output_hidden_layers: int = 0,
+                 radial_basis: str = "expnorm", self_loops: bool = True, readout: str = "mlp"):
         super().__init__(species=species, cutoff=cutoff)
         if group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
@@ -173,22 +211,38 @@ class TensorNet(Potential):
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         if hidden_channels < 2 or num_layers < 0:
             raise ValueError(f"need hidden_channels >= 2 and num_layers >= 0, got {hidden_channels}, {num_layers}")
+        if radial_basis not in RADIAL_BASES:
+            raise ValueError(f"radial_basis must be one of {RADIAL_BASES}, got {radial_basis!r}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
+        if radial_basis == "smooth_bessel" and (cutoff_lower != 0 or trainable_rbf):
+            raise ValueError("radial_basis='smooth_bessel' needs cutoff_lower=0 and trainable_rbf=False")
+        if readout == "gated" and output_hidden_layers:
+            raise ValueError("output_hidden_layers applies to readout='mlp' only")
         act = ACTIVATIONS[activation]
         self.channels, self.group = int(hidden_channels), group
         self.cutoff_lower = float(cutoff_lower)
-        self.rbf = ExpNormalBasis(cutoff_lower, cutoff, num_rbf, trainable=trainable_rbf)
+        self.self_loops, self.readout = bool(self_loops), readout
+        if radial_basis == "expnorm":
+            self.rbf = ExpNormalBasis(cutoff_lower, cutoff, num_rbf, trainable=trainable_rbf)
+        else:
+            self.rbf = SmoothBesselBasis(cutoff, num_rbf)
         self.embedding = TensorEmbedding(self.num_species, hidden_channels, num_rbf, act)
         self.layers = nn.ModuleList(Interaction(hidden_channels, num_rbf, act, group) for _ in range(num_layers))
         self.out_norm = nn.LayerNorm(3 * hidden_channels)
         self.out_linear = nn.Linear(3 * hidden_channels, hidden_channels)
-        self.act = act()
-        half = hidden_channels // 2
-        head = [nn.Linear(hidden_channels, half), act()]
-        for _ in range(output_hidden_layers):
-            head += [nn.Linear(half, half), act()]
-        head.append(nn.Linear(half, 1))
-        self.output_mlp = nn.Sequential(*head)
-        self._init_output_mlp()
+        if readout == "gated":
+            self.act = nn.Identity()
+            self.output_mlp = GatedMLP([hidden_channels] * 4 + [1])
+        else:
+            self.act = act()
+            half = hidden_channels // 2
+            head = [nn.Linear(hidden_channels, half), act()]
+            for _ in range(output_hidden_layers):
+                head += [nn.Linear(half, half), act()]
+            head.append(nn.Linear(half, 1))
+            self.output_mlp = nn.Sequential(*head)
+            self._init_output_mlp()
 
     def _init_output_mlp(self):
         # torchmd-net's MLP: Xavier-uniform weights, zero biases
@@ -218,17 +272,18 @@ class TensorNet(Potential):
         d_pair = d.index_select(0, representative)
         rbf_pair = self.rbf(d_pair)
         cut_pair = self._cutoff(d_pair)
-        zero = d.new_zeros(1)
-        rbf_self, cut_self = self.rbf(zero), self._cutoff(zero)
+        if self.self_loops:  # features at d = 0
+            zero = d.new_zeros(1)
+            rbf_self, cut_self = self.rbf(zero), self._cutoff(zero)
 
         proj = self.embedding.distance_proj
         radial_cut = proj(rbf_pair) * cut_pair[:, None]
-        self_radial_cut = (proj(rbf_self) * cut_self[:, None])[0]
+        self_radial_cut = (proj(rbf_self) * cut_self[:, None])[0] if self.self_loops else None
         X = self.embedding(species, src, dst, unit, group, radial_cut, self_radial_cut)
         charge_factor = self._charge_factor(graph, n, X.dtype)
         for layer in self.layers:
             factors = layer.edge_factors(rbf_pair, cut_pair)
-            self_factors = layer.edge_factors(rbf_self, cut_self)[0]
+            self_factors = layer.edge_factors(rbf_self, cut_self)[0] if self.self_loops else None
             X = layer(X, src, dst, factors, group, self_factors, charge_factor)
         return X
 
