@@ -15,6 +15,10 @@ elements as possible, each rattled by 0.03 Å so that forces are not zero by sym
 triclinic strain, bcc Fe compressed to 80 % volume, an MgO(001) slab and an ethanol molecule in a 12 Å box (all
 periodic in three directions: matgl treats any non-periodic direction as a molecule without a cell).
 
+As an independent check of which convention is right (see :mod:`matkit.convert.matgl` on matgl's
+``@model_version``), both sides' PBE force MAE against the DFT forces of the 21 MPtrj frames in
+``datasets/mptrj_frames.h5`` is printed too.
+
     python benchmarks/tensornet_vs_matgl.py [--peer-python PY] [--matgl-dir DIR] [--json OUT]
     python benchmarks/tensornet_vs_matgl.py --fixture tests/fixtures/matgl/matpes_reference.npz
 
@@ -51,6 +55,7 @@ def structures(supported) -> list:
     from ase.build import bulk, fcc111, molecule, surface
 
     from matkit.data.hdf5 import FrameFile
+    from matkit.demo import perovskite
 
     out = []
     frames = [f for f in FrameFile(ROOT / "datasets" / "mp20_val.h5")
@@ -74,7 +79,7 @@ def structures(supported) -> list:
     del nacl[0]
     nacl.rattle(0.03, seed=3)
     out.append(("NaCl-vacancy", nacl))
-    sto = _perovskite()
+    sto = perovskite("SrTiO3", 3.905)
     sto.set_cell(sto.cell.array @ (np.eye(3) + [[0.05, 0.03, 0.0], [0.0, -0.02, 0.04], [0.01, 0.0, 0.03]]),
                  scale_atoms=True)
     sto.rattle(0.02, seed=4)
@@ -92,14 +97,6 @@ def structures(supported) -> list:
     out.append(("ethanol-in-box", ethanol))
     return [(name, a.numbers.tolist(), a.positions.tolist(), a.cell.array.tolist(), a.pbc.tolist())
             for name, a in out]
-
-
-def _perovskite():
-    from ase import Atoms
-
-    a = 3.905
-    return Atoms("SrTiO3", scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
-                 cell=[a, a, a], pbc=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,7 +127,31 @@ def peer_stage(workdir: Path) -> None:
                     "energy": float(atoms.get_potential_energy()),
                     "forces": np.asarray(atoms.get_forces(), dtype=float).tolist(),
                     "stress": np.asarray(atoms.get_stress(), dtype=float).tolist()}
+            if precision == "float32" and name == "tensornet-matpes-pbe":
+                results["dft_force_mae"] = dft_force_mae(calc, spec["dft_frames"])
     (workdir / "reference.json").write_text(json.dumps(results))
+
+
+def dft_frames() -> list:
+    """[(numbers, positions, cell, forces)] of the MPtrj frames in ``datasets/mptrj_frames.h5`` (3-5 elements each)."""
+    from matkit.data.hdf5 import FrameFile
+
+    return [(f.atomic_numbers.tolist(), f.positions.tolist(), f.cell.tolist(), f.forces.tolist())
+            for f in FrameFile(ROOT / "datasets" / "mptrj_frames.h5")]
+
+
+def dft_force_mae(calc, frames) -> float:
+    """Force MAE (eV/Å, per component) of ``calc`` against the DFT forces of ``frames``."""
+    import numpy as np
+    from ase import Atoms
+
+    errors = [np.zeros(0)]
+    for numbers, positions, cell, forces in frames:
+        atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=True)
+        atoms.calc = calc
+        errors.append(np.abs(atoms.get_forces() - np.asarray(forces)).ravel())
+    errors = np.concatenate(errors)
+    return float(errors.mean()) if errors.size else float("nan")
 
 
 def run_peer(peer_python: str, workdir: Path, spec: dict) -> dict:
@@ -181,7 +202,7 @@ def write_fixture(path: Path, structs, reference) -> None:
         arrays[f"{sname}/cell"] = np.asarray(cell, dtype=np.float64)
         arrays[f"{sname}/pbc"] = np.asarray(pbc, dtype=bool)
     for key, value in reference.items():
-        if key == "matgl_version":
+        if not isinstance(value, dict):
             continue
         for quantity in ("energy", "forces", "stress"):
             arrays[f"{key}/{quantity}"] = np.asarray(value[quantity], dtype=np.float64)
@@ -217,7 +238,8 @@ def main(argv=None):
 
     supported = [atomic_numbers[e] for e in config["kwargs"]["model"]["init_args"]["element_types"]]
     structs = structures(supported)
-    spec = {"models": {name: str(matgl_dir / folder) for name, folder in MODELS.items()}, "structures": structs}
+    spec = {"models": {name: str(matgl_dir / folder) for name, folder in MODELS.items()}, "structures": structs,
+            "dft_frames": dft_frames()}
     with tempfile.TemporaryDirectory() as tmp:
         reference = run_peer(args.peer_python, Path(tmp), spec)
     if args.fixture:
@@ -237,6 +259,13 @@ def main(argv=None):
             worst = [max(r[k] for r in rows.values()) for k in range(3)]
             worst_f = max(rows, key=lambda s: rows[s][1])
             print(f"| {name} | {precision} | {worst[0]:.1e} | {worst[1]:.1e} | {worst[2]:.1e} | {worst_f} |")
+    ours = dft_force_mae(matkit_calculator("tensornet-matpes-pbe", "float32", matgl_dir, args.convert),
+                         spec["dft_frames"])
+    print(f"tensornet-matpes-pbe force MAE against the DFT forces of datasets/mptrj_frames.h5 "
+          f"({len(spec['dft_frames'])} MPtrj frames, 3-5 elements each; float32): "
+          f"matgl {reference['matgl_version']} {reference['dft_force_mae']:.4f} eV/Å, matkit {ours:.4f} eV/Å")
+    report["dft_force_mae"] = {"matgl": reference["dft_force_mae"], "matkit": ours,
+                               "matgl_version": reference["matgl_version"]}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

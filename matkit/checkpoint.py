@@ -98,6 +98,13 @@ def load_checkpoint(path, map_location="cpu", return_payload: bool = False):
 
     payload = read_checkpoint(path, map_location=map_location)
     model = build(payload["model"], **payload["hparams"])
+    # a float64 checkpoint must not pass through float32 parameters (only up-cast: a down-cast would also round
+    # the float64 constant tables some models build)
+    keep = set(getattr(model, "_FLOAT64_BUFFERS", ()))
+    saved = {v.dtype for k, v in payload["state_dict"].items()
+             if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in keep}
+    if torch.float64 in saved and any(p.dtype != torch.float64 for p in model.parameters()):
+        model = model.double()
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as err:

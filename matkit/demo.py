@@ -1,7 +1,9 @@
 """``matkit demo``: relax a crystal with a vacancy (positions and cell), run NVT then NVE MD, report.
 
-With a bundled trained potential (default ``tensornet-si``) the system is a 2x2x2 diamond-Si supercell with one
-vacancy. Without one, the analytic Lennard-Jones argon potential runs the same workflow on fcc Ar.
+With a universal potential (one that covers Sr, Ti and O, e.g. ``tensornet-matpes-pbe``) the system is a 2x2x2
+SrTiO3 perovskite supercell with one oxygen vacancy; with a single-element potential (e.g. ``tensornet-si``) a
+2x2x2 supercell of that element's crystal with one vacancy. Without any bundled potential, the analytic
+Lennard-Jones argon potential runs the same workflow on fcc Ar.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ import numpy as np
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="relax a crystal with a vacancy and run NVT + NVE MD")
-    p.add_argument("--potential", default=None, help="bundled potential name (default: %(default)s -> "
-                                                      "tensornet-si if bundled, else Lennard-Jones argon)")
+    p.add_argument("--potential", default=None, help="bundled potential name (default: tensornet-matpes-pbe "
+                                                      "if bundled, else Lennard-Jones argon)")
     p.add_argument("--nvt-steps", type=int, default=400)
     p.add_argument("--nve-steps", type=int, default=1000)
     p.add_argument("--timestep-fs", type=float, default=1.0)
@@ -34,17 +36,29 @@ def _system(potential_name):
     if name is not None:
         model = matkit.load_checkpoint(checkpoint_path(name))
         species = model.species
+        label = f"bundled potential {name!r}"
+        if {8, 22, 38} <= set(species):  # a universal potential: a multi-element oxide
+            atoms = perovskite("SrTiO3", 3.905).repeat((2, 2, 2))
+            del atoms[[a.index for a in atoms if a.symbol == "O"][0]]  # an oxygen vacancy
+            return model, atoms, label
         element = "Si" if 14 in species else __import__("ase.data", fromlist=["chemical_symbols"]).chemical_symbols[species[0]]
         lattice = {"Si": ("diamond", 5.43), "Ge": ("diamond", 5.76), "Mo": ("bcc", 3.16), "Li": ("bcc", 3.44)}
         structure, a = lattice.get(element, ("diamond", 5.43))
         atoms = bulk(element, structure, a=a, cubic=True).repeat((2, 2, 2))
-        label = f"bundled potential {name!r}"
     else:
         model = matkit.build("lj", species=[18], sigma=3.405, epsilon=0.0104, rc=8.5, smooth=True)
         atoms = bulk("Ar", "fcc", a=5.26, cubic=True).repeat((2, 2, 2))
         label = "analytic Lennard-Jones argon (no trained potential bundled)"
     del atoms[0]  # the vacancy
     return model, atoms, label
+
+
+def perovskite(formula: str, a: float):
+    """Cubic ABO3 perovskite (A at the corner, B at the body centre, O at the face centres), lattice constant a (Å)."""
+    from ase import Atoms
+
+    return Atoms(formula, cell=[a, a, a], pbc=True,
+                 scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
 
 
 def run_demo(args) -> int:

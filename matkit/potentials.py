@@ -12,7 +12,7 @@ from typing import List
 __all__ = ["search_paths", "list_potentials", "checkpoint_path", "DEFAULT_POTENTIAL"]
 
 #: the potential ``matkit demo`` uses when it is bundled
-DEFAULT_POTENTIAL = "tensornet-si"
+DEFAULT_POTENTIAL = "tensornet-matpes-pbe"
 
 
 def search_paths() -> List[Path]:

@@ -17,6 +17,42 @@ class TestTensorNet(ModelHarness):
     hparams = dict(hidden_channels=16, num_layers=2, num_rbf=8)
 
 
+class TestTensorNetMatglVariant(ModelHarness):
+    """matgl's TensorNet options (the MatPES universal potentials): smooth Bessel basis, no self-loops, gated readout."""
+
+    model_name = "tensornet"
+    hparams = dict(hidden_channels=16, num_layers=2, num_rbf=3, radial_basis="smooth_bessel", self_loops=False,
+                   readout="gated")
+
+
+def test_smooth_bessel_basis_is_orthonormal_and_vanishes_smoothly_at_the_cutoff():
+    """Kocer et al.'s basis: orthonormal on [0, rc] with weight r^2 (trapezoid quadrature), zero value and slope
+    at rc, finite at r = 0."""
+    from matkit.nn.radial_bessel import SmoothBesselBasis
+
+    basis = SmoothBesselBasis(5.0, 4)
+    r = torch.linspace(0.0, 5.0, 100001, dtype=torch.float64)
+    g = basis(r)
+    gram = torch.trapezoid(g[:, :, None] * g[:, None, :] * (r ** 2)[:, None, None], r, dim=0)
+    np.testing.assert_allclose(gram.numpy(), np.eye(4), atol=1e-8)
+    assert torch.isfinite(g[0]).all() and g[0].abs().max() > 0.1
+    edge = torch.tensor([5.0], dtype=torch.float64, requires_grad=True)
+    values = basis(edge)[0]
+    slopes = [torch.autograd.grad(values[k], edge, retain_graph=True)[0].item() for k in range(4)]
+    assert values.abs().max() < 1e-14 and max(abs(x) for x in slopes) < 1e-12
+    # the float64 constants survive a float32 round trip of the module
+    again = SmoothBesselBasis(5.0, 4).to(torch.float32).to(torch.float64)
+    assert torch.equal(again(r[:50]), g[:50])
+
+
+def test_matgl_variant_options_are_checked():
+    for bad, message in ((dict(radial_basis="gaussian"), "radial_basis"), (dict(readout="set2set"), "readout"),
+                         (dict(radial_basis="smooth_bessel", cutoff_lower=0.5), "cutoff_lower"),
+                         (dict(readout="gated", output_hidden_layers=1), "output_hidden_layers")):
+        with pytest.raises(ValueError, match=message):
+            matkit.build("tensornet", species=[1, 6], cutoff=5.0, **bad)
+
+
 class TestTensorNetSO3(ModelHarness):
     """SO(3) variant: invariant under proper rotations only (plain product Y M mixes parities)."""
 

@@ -114,8 +114,9 @@ def _model_hparams(config: Mapping, where: str) -> dict:
         raise MatglImportError(f"{where}: TensorNet @model_version={version!r}; this importer knows versions 1 "
                                "(matgl <= 2.0.6) and 2 (matgl >= 3.0)")
     args = model.get("init_args", {})
-    if kwargs.get("calc_repuls"):
-        problems.append("calc_repuls=True (ZBL repulsion)")
+    for flag, what in (("calc_repuls", "ZBL repulsion"), ("calc_charge", "charge equilibration")):
+        if kwargs.get(flag):
+            problems.append(f"{flag}=True ({what})")
     if args.get("rbf_type") != "SphericalBessel" or not args.get("use_smooth"):
         problems.append(f"rbf_type={args.get('rbf_type')!r}, use_smooth={args.get('use_smooth')!r} "
                         "(only the smooth spherical Bessel basis)")
@@ -178,40 +179,13 @@ def tensornet_from_matgl_state(config: Mapping, state_dict: Mapping[str, torch.T
         unused.discard(key)
         return sd[key]
 
-    pair_w = take(emb + "emb2.weight")
-    new = {
-        "embedding.species_embedding.weight": take(emb + "emb.weight"),
-        "embedding.pair_linear.weight": torch.cat((pair_w[:, F:], pair_w[:, :F]), 1) if version == 1 else pair_w,
-        "embedding.pair_linear.bias": take(emb + "emb2.bias"),
-        "embedding.distance_proj.weight": torch.cat([take(emb + f"distance_proj{k}.weight") for k in (1, 2, 3)]),
-        "embedding.distance_proj.bias": torch.cat([take(emb + f"distance_proj{k}.bias") for k in (1, 2, 3)]),
-        "embedding.tensor_mixers": torch.stack([take(emb + f"linears_tensor.{k}.weight") for k in range(3)]),
-        "embedding.init_norm.weight": take(emb + "init_norm.weight"),
-        "embedding.init_norm.bias": take(emb + "init_norm.bias"),
-        "embedding.scalar_mlp.0.weight": take(emb + "linears_scalar.0.weight"),
-        "embedding.scalar_mlp.0.bias": take(emb + "linears_scalar.0.bias"),
-        "embedding.scalar_mlp.2.weight": take(emb + "linears_scalar.1.weight")[rows],
-        "embedding.scalar_mlp.2.bias": take(emb + "linears_scalar.1.bias")[rows],
-        "out_norm.weight": take("model.out_norm.weight"),
-        "out_norm.bias": take("model.out_norm.bias"),
-        "out_linear.weight": take("model.linear.weight"),
-        "out_linear.bias": take("model.linear.bias"),
-    }
+    try:
+        new = _mapped_weights(take, emb, rows, version, F, L)
+    except (IndexError, RuntimeError) as err:  # a tensor of the wrong size for these settings
+        raise MatglImportError(f"{where}: weight shapes do not match the model.json settings ({err})") from None
     if new["embedding.species_embedding.weight"].shape[0] != len(hp["species"]):
         raise MatglImportError(f"{where}: {new['embedding.species_embedding.weight'].shape[0]} embedded species "
                                f"but {len(hp['species'])} element_types")
-    for layer in range(L):
-        src = f"model.layers.{layer}."
-        for k in range(3):
-            order = rows if k == 2 else slice(None)
-            new[f"layers.{layer}.radial_mlp.{2 * k}.weight"] = take(src + f"linears_scalar.{k}.weight")[order]
-            new[f"layers.{layer}.radial_mlp.{2 * k}.bias"] = take(src + f"linears_scalar.{k}.bias")[order]
-        new[f"layers.{layer}.tensor_mixers"] = torch.stack([take(src + f"linears_tensor.{k}.weight")
-                                                            for k in range(6)])
-    for branch in ("layers", "gates"):
-        for k in (0, 2, 4, 6):
-            for p in ("weight", "bias"):
-                new[f"output_mlp.{branch}.{k}.{p}"] = take(f"model.final_layer.gated.{branch}.{k}.{p}")
     if unused:
         raise MatglImportError(f"{where}: state.pt has weights this importer does not map: {sorted(unused)[:8]} "
                                "(a different matgl TensorNet variant?)")
@@ -234,6 +208,42 @@ def tensornet_from_matgl_state(config: Mapping, state_dict: Mapping[str, torch.T
                                    f"({len(hp['species'])}); state-dependent references are not supported")
         model.atomic_reference_energies.copy_(refs)
     return model.eval()
+
+
+def _mapped_weights(take, emb: str, rows: torch.Tensor, version: int, F: int, L: int) -> dict:
+    """matkit state-dict entries from matgl's (``take(key)`` returns matgl's tensor ``key``)."""
+    pair_w = take(emb + "emb2.weight")
+    new = {
+        "embedding.species_embedding.weight": take(emb + "emb.weight"),
+        "embedding.pair_linear.weight": torch.cat((pair_w[:, F:], pair_w[:, :F]), 1) if version == 1 else pair_w,
+        "embedding.pair_linear.bias": take(emb + "emb2.bias"),
+        "embedding.distance_proj.weight": torch.cat([take(emb + f"distance_proj{k}.weight") for k in (1, 2, 3)]),
+        "embedding.distance_proj.bias": torch.cat([take(emb + f"distance_proj{k}.bias") for k in (1, 2, 3)]),
+        "embedding.tensor_mixers": torch.stack([take(emb + f"linears_tensor.{k}.weight") for k in range(3)]),
+        "embedding.init_norm.weight": take(emb + "init_norm.weight"),
+        "embedding.init_norm.bias": take(emb + "init_norm.bias"),
+        "embedding.scalar_mlp.0.weight": take(emb + "linears_scalar.0.weight"),
+        "embedding.scalar_mlp.0.bias": take(emb + "linears_scalar.0.bias"),
+        "embedding.scalar_mlp.2.weight": take(emb + "linears_scalar.1.weight")[rows],
+        "embedding.scalar_mlp.2.bias": take(emb + "linears_scalar.1.bias")[rows],
+        "out_norm.weight": take("model.out_norm.weight"),
+        "out_norm.bias": take("model.out_norm.bias"),
+        "out_linear.weight": take("model.linear.weight"),
+        "out_linear.bias": take("model.linear.bias"),
+    }
+    for layer in range(L):
+        src = f"model.layers.{layer}."
+        for k in range(3):
+            order = rows if k == 2 else slice(None)
+            new[f"layers.{layer}.radial_mlp.{2 * k}.weight"] = take(src + f"linears_scalar.{k}.weight")[order]
+            new[f"layers.{layer}.radial_mlp.{2 * k}.bias"] = take(src + f"linears_scalar.{k}.bias")[order]
+        new[f"layers.{layer}.tensor_mixers"] = torch.stack([take(src + f"linears_tensor.{k}.weight")
+                                                            for k in range(6)])
+    for branch in ("layers", "gates"):
+        for k in (0, 2, 4, 6):
+            for p in ("weight", "bias"):
+                new[f"output_mlp.{branch}.{k}.{p}"] = take(f"model.final_layer.gated.{branch}.{k}.{p}")
+    return new
 
 
 def load_matgl_tensornet(path, dtype: torch.dtype = torch.float64) -> TensorNet:

@@ -84,12 +84,17 @@ class SmoothBesselBasis(nn.Module):
             G[n] = math.sqrt(e / d_prev) * G[n - 1] / math.sqrt(d)
             G[n, n] = 1.0 / math.sqrt(d)
             d_prev = d
-        self.register_buffer("coefficients", F @ G.t(), persistent=False)        # (N+1, N)
+        # (N+1, N) float64 constants: a plain attribute, not a buffer, so that ``.to(float32)`` cannot round them
+        self._coefficients = F @ G.t()
+        self._cast = {}
 
     def forward(self, r: torch.Tensor) -> torch.Tensor:
+        key = (r.dtype, r.device)
+        if key not in self._cast:
+            self._cast[key] = self._coefficients.to(dtype=r.dtype, device=r.device)
         k = torch.arange(1, self.num_basis + 2, dtype=r.dtype, device=r.device)
         sinc = torch.sinc(r.unsqueeze(-1) * k / self.cutoff)        # torch.sinc(x) = sin(pi x) / (pi x)
-        return sinc @ self.coefficients.to(dtype=r.dtype, device=r.device)
+        return sinc @ self._cast[key]
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, num_basis={self.num_basis}"
