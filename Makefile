@@ -33,6 +33,9 @@ benchmarks: install
 	# the two below need torchmd-net 3.1.0 in its own venv (see benchmarks/model_specs/tensornet.py)
 	-$(PY) benchmarks/tensornet_vs_torchmdnet.py
 	-$(PY) benchmarks/tensornet_speed_vs_torchmdnet.py --rounds 2
+	# the two below need matgl in its own venv: $$MATKIT_MATGL_PYTHON (see benchmarks/README.md)
+	-$(PY) benchmarks/tensornet_vs_matgl.py
+	-$(PY) benchmarks/tensornet_speed_vs_matgl.py --rounds 3
 
 clean:
 	rm -rf $(VENV) runs

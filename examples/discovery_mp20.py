@@ -1,17 +1,28 @@
-"""Matbench Discovery-style evaluation of CHGNet 0.3.0 on real Materials Project crystals (MP-20 subset).
+"""Stability evaluation of matkit's universal potentials on real Materials Project crystals, next to CHGNet.
 
-Pipeline: MP-20 structures (CIF) -> FIRE + FrechetCellFilter relaxation (fmax 0.05 eV/Å, <= 500 steps) with
-CHGNet's ASE calculator -> total energy (CHGNet predicts MP2020-corrected energies: no correction applied) ->
-formation energy from the MP elemental references -> hull distance against the fixed MP hull
-(``e_hull_MP + e_form_pred - e_form_MP``) -> metrics, tables and plots.
+Data: the MP-20 crystals in ``datasets/`` (CDVAE subset, 1-20 atoms, within 0.08 eV/atom of the MP hull):
+``mp20_train.h5`` (847) and ``mp20_val.h5`` (123).
 
-The run is sharded and resumable: rerunning the script continues where it stopped.
+For ``tensornet-matpes-pbe`` and ``tensornet-matpes-r2scan`` (energies on MatPES's own DFT scales):
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python examples/discovery_mp20.py --n-train 450 --workers 1
+1. relax all train and val crystals (FIRE + FrechetCellFilter, fmax 0.05 eV/Å, <= 500 steps; matkit's batched
+   relaxer, float64) with ``matkit.discovery.run`` (sharded, resumable: rerunning continues where it stopped);
+2. fit per-element reference energies on the **train** crystals only, for each correction choice (``none``,
+   ``mp2020``, ``fitted-u``: :mod:`matkit.discovery.references`), and pick the choice with the lowest 5-fold
+   cross-validated formation-energy MAE on train (the val crystals play no part in the choice);
+3. formation energies of the **val** crystals with those references, hull distances with the benchmark's formula
+   (``e_hull_MP + e_form_pred - e_form_MP``), the benchmark's metrics (outlier mask and rounding as upstream),
+   plots; and, for comparison, hull distances of the val crystals against the hull of the train crystals
+   (``matkit.discovery.hull``: how a material without labels would be judged).
 
-Caveats (see shared/data/cdvae_mp20_subset/PROVENANCE.md): inputs are MP-*relaxed* structures, labels are
-near-hull only (e_above_hull <= 0.08 eV/atom), and CHGNet was trained on MPtrj (these materials are in its
-training distribution). F1/DAF here are therefore not comparable to the WBM leaderboard.
+CHGNet 0.3.0 (MP2020-corrected energies: MP's references directly, no fit) relaxes the same val crystals through
+its ASE calculator in the same run. Results go to ``examples/results/discovery_mp20/``.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python examples/discovery_mp20.py [--workers 2] [--models ...]
+
+Caveats: inputs are MP-*relaxed* structures, labels are near-hull only, CHGNet was trained on MPtrj (these
+materials are in its training distribution) and MatPES contains MP ground states too. F1/DAF here are therefore
+not comparable to the WBM leaderboard; the formation-energy MAE is the informative number.
 """
 from __future__ import annotations
 
@@ -20,59 +31,102 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from matkit.discovery.io import read_labels
+from matkit.discovery.hull import hull_distances, read_hull_entries
+from matkit.discovery.io import E_FORM_COL, E_HULL_COL, read_labels
 from matkit.discovery.metrics import discovery_metrics
-from matkit.discovery.report import write_report
-from matkit.discovery.runner import merge_records, run
+from matkit.discovery.references import CORRECTIONS, cross_validated_formation_energies, fit_reference_energies
+from matkit.discovery.relax import atoms_from_dict
+from matkit.discovery.report import metrics_table, write_report
+from matkit.discovery.runner import merge_records, recompute_formation_energies, run
 
-# the offline copy of the CDVAE MP-20 CSVs next to the repository (../shared/data); pass --data elsewhere
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cdvae_mp20_subset"
+ROOT = Path(__file__).resolve().parent.parent
+UNIVERSAL = ("tensornet-matpes-pbe", "tensornet-matpes-r2scan")
+
+
+def relax(model: str, split: str, out: Path, args) -> tuple:
+    """Relax one split with one model (resumable) -> (merged records, wall time of this invocation)."""
+    start = time.perf_counter()
+    structures = args.data / f"mp20_{split}.h5"
+    batched = model != "chgnet"
+    run(structures, out / model / split, calculator=model, n_shards=args.n_shards, workers=args.workers,
+        batched=batched, dtype="float64", progress=False)
+    return merge_records(out / model / split), time.perf_counter() - start
+
+
+def choose_references(records: pd.DataFrame, labels: pd.DataFrame) -> tuple:
+    """Fit references on the train records for every correction choice; pick the lowest 5-fold CV MAE."""
+    ok = records[records["status"] == "ok"]
+    structures = [atoms_from_dict(d) for d in ok["structure"]]
+    energies, target = ok["energy"].astype(float).to_numpy(), labels.loc[ok.index, E_FORM_COL].to_numpy()
+    cv = {}
+    for corrections in CORRECTIONS:
+        predicted = cross_validated_formation_energies(structures, energies, target, corrections=corrections)
+        good = np.isfinite(predicted)
+        cv[corrections] = {"cv_mae": float(np.abs(predicted[good] - target[good]).mean()),
+                           "cv_missing": int((~good).sum())}
+    best = min(cv, key=lambda c: cv[c]["cv_mae"])
+    fit = fit_reference_energies(structures, energies, target, corrections=best,
+                                 fitted_on=f"{len(ok)} crystals of mp20_train.h5")
+    return fit, cv
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DATA, help="folder with MP-20 train.csv / val.csv")
-    parser.add_argument("--n-train", type=int, default=450, help="rows of train.csv to add to all of val.csv")
+    parser.add_argument("--data", type=Path, default=ROOT / "datasets", help="folder with mp20_train/val.h5")
     parser.add_argument("--out", type=Path, default=Path("runs/discovery_mp20"))
-    parser.add_argument("--results", type=Path, default=Path("examples/results/discovery_mp20"))
+    parser.add_argument("--results", type=Path, default=ROOT / "examples" / "results" / "discovery_mp20")
+    parser.add_argument("--models", nargs="+", default=[*UNIVERSAL, "chgnet"])
     parser.add_argument("--n-shards", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    structures = args.out / "structures.csv"
-    if not structures.exists():
-        val = pd.read_csv(args.data / "val.csv", index_col=0)
-        train = pd.read_csv(args.data / "train.csv", index_col=0).iloc[:args.n_train]
-        pd.concat([val, train]).to_csv(structures)
-    start = time.perf_counter()
-    run(structures, args.out / "relax", calculator="chgnet", n_shards=args.n_shards, workers=args.workers,
-        batched=False)
-    wall = time.perf_counter() - start
-    records = merge_records(args.out / "relax")
-    labels = read_labels(structures)
-    preds = records["e_form_per_atom"]
-    metrics = discovery_metrics(labels, preds)
+    train_labels, val_labels = read_labels(args.data / "mp20_train.h5"), read_labels(args.data / "mp20_val.h5")
+    train_hull = read_hull_entries(args.data / "mp20_train.h5")
+    summary, tables, per_structure = {}, [], {}
+    for model in args.models:
+        info = {}
+        if model in UNIVERSAL:
+            train_records, info["relax_wall_s_train"] = relax(model, "train", args.out, args)
+            fit, info["references_cv_on_train"] = choose_references(train_records, train_labels)
+            fit.save(args.results / f"references_{model}.json")
+            info["references"] = {"corrections": fit.corrections, "elements": len(fit.elements),
+                                  "u_terms": len(fit.u_terms), "fit_mae_train": fit.fit_mae}
+            val_records, info["relax_wall_s_val"] = relax(model, "val", args.out, args)
+            preds = recompute_formation_energies(val_records, fit)
+        else:
+            val_records, info["relax_wall_s_val"] = relax(model, "val", args.out, args)
+            preds = val_records["e_form_per_atom"]
+        metrics = discovery_metrics(val_labels, preds)
+        err = (preds - val_labels[E_FORM_COL]).dropna()
+        hull = hull_distances(train_hull, val_labels["formula"], preds)
+        hull_err = (hull["e_above_hull_pred"] - val_labels[E_HULL_COL]).dropna()
+        info.update({
+            "val_crystals": len(val_labels), "failed": int((val_records["status"] != "ok").sum()),
+            "converged": int(val_records["converged"].fillna(False).astype(bool).sum()),
+            "mean_fire_steps": float(val_records["n_steps"].mean()),
+            "sum_relax_time_s_val": round(float(val_records["wall_time"].sum()), 1),
+            "e_form_mae_vs_mp": float(err.abs().mean()), "e_form_mean_signed_error": float(err.mean()),
+            "e_form_missing": int(len(val_labels) - len(err)),
+            "hull_from_train_entries_mae": float(hull_err.abs().mean()),
+            "metrics_full_set": {k: (float(v) if v == v else None) for k, v in metrics["full_test_set"].items()},
+        })
+        summary[model] = info
+        write_report(val_labels, preds, args.results / model, metrics, title=f"{model} on MP-20 val (n=123)")
+        tables.append(metrics_table(metrics).rename(index={"full_test_set": model}))
+        per_structure[f"e_form_{model}"] = preds
+        per_structure[f"e_hull_from_train_{model}"] = hull["e_above_hull_pred"]
+        print(model, json.dumps(info, indent=1))
     args.results.mkdir(parents=True, exist_ok=True)
-    write_report(labels, preds, args.results, metrics, title=f"CHGNet 0.3.0 on MP-20 (n={len(labels)})")
-    summary = {
-        "model": "CHGNet 0.3.0 (chgnet 0.4.2 wheel weights), energies on the MP2020-corrected scale",
-        "structures": f"{len(labels)} MP-20 crystals: all {len(pd.read_csv(args.data / 'val.csv'))} of val.csv "
-                      f"+ the first {len(labels) - len(pd.read_csv(args.data / 'val.csv'))} of train.csv",
-        "relaxation": "FIRE + FrechetCellFilter, fmax 0.05 eV/A, max 500 steps",
-        "e_form_MAE_eV_per_atom": float((preds - labels["e_form_per_atom_mp2020_corrected"]).abs().mean()),
-        "converged": int(records["converged"].fillna(False).astype(bool).sum()),
-        "errors": int((records["status"] != "ok").sum()),
-        "mean_steps": float(records["n_steps"].mean()),
-        "relax_wall_time_s_this_invocation": round(wall, 1),
-        "sum_relax_time_s": round(float(records["wall_time"].sum()), 1),
-        "metrics_full_set": {k: (float(v) if v == v else None) for k, v in metrics["full_test_set"].items()},
-    }
     (args.results / "summary.json").write_text(json.dumps(summary, indent=1))
-    records.drop(columns=["structure", "traceback"], errors="ignore").to_csv(args.results / "records.csv.gz")
-    print(json.dumps(summary, indent=1))
+    table = pd.concat(tables)
+    table.insert(0, "e_form MAE", [summary[m]["e_form_mae_vs_mp"] for m in args.models])
+    table.to_csv(args.results / "metrics.csv")
+    records = val_labels.join(pd.DataFrame(per_structure))
+    records.to_csv(args.results / "records.csv.gz")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
 
 
 if __name__ == "__main__":

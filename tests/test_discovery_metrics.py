@@ -93,3 +93,38 @@ def test_cumulative_precision_ranks_missing_last():
     # ranking by predicted hull: rows 1(-0.05) 4(-0.01) 2(0.00) 3(0.01) 7 8 then the NaNs 5 6
     assert curve.precision.tolist()[:4] == pytest.approx([1.0, 0.5, 2 / 3, 3 / 4], abs=1e-12)
     assert curve.daf.iloc[0] == pytest.approx(2.0, abs=1e-12)
+
+
+def _labels(e_form, e_hull):
+    ids = [f"wbm-2-{k}" for k in range(len(e_form))]
+    return pd.DataFrame({"e_form_per_atom_mp2020_corrected": e_form, "e_above_hull_mp2020_corrected_ppd_mp": e_hull},
+                        index=ids)
+
+
+def test_outlier_mask_treats_far_predictions_as_failed():
+    """Upstream masks |e_form_pred - e_form_dft| > 5 eV/atom: such a prediction counts as missing (unstable) and
+    leaves the MAE. Hand-worked: row 1 predicted 6.5 eV/atom too low would be a false positive."""
+    labels = _labels([-1.0, -0.5, 0.2], [0.0, 0.05, 0.3])
+    preds = pd.Series([-1.0, -7.0, 0.25], index=labels.index)
+    masked = discovery_metrics(labels, preds)["full_test_set"]
+    assert (masked["TP"], masked["FP"], masked["TN"], masked["FN"]) == (1, 0, 2, 0)
+    assert masked["masked_outliers"] == 1 and masked["missing_preds"] == 1
+    assert masked["MAE"] == pytest.approx((0.0 + 0.05) / 2, abs=1e-12)
+    raw = discovery_metrics(labels, preds, max_error=None)["full_test_set"]
+    assert (raw["TP"], raw["FP"], raw["TN"], raw["FN"]) == (1, 1, 1, 0)
+    assert raw["masked_outliers"] == 0 and raw["MAE"] == pytest.approx((0.0 + 6.5 + 0.05) / 3, abs=1e-12)
+    # exactly 5 eV/atom off is kept (upstream: strictly greater than the threshold)
+    edge = discovery_metrics(labels, pd.Series([-1.0, 4.5, 0.25], index=labels.index))["full_test_set"]
+    assert edge["masked_outliers"] == 0
+    with pytest.raises(ValueError, match="max_error"):
+        discovery_metrics(labels, preds, max_error=-1.0)
+
+
+def test_rounding_to_three_decimals_before_classification():
+    """Upstream rounds labels and predictions to 3 decimals: 0.0004 eV/atom above the hull becomes 'on the hull'."""
+    labels = _labels([-1.0, -1.0], [0.0004, 0.0])
+    preds = pd.Series([-1.0, -0.9996], index=labels.index)  # predicted hull distances 0.0004 and 0.0004
+    rounded = discovery_metrics(labels, preds)["full_test_set"]
+    assert (rounded["TP"], rounded["FP"], rounded["TN"], rounded["FN"]) == (2, 0, 0, 0)
+    exact = discovery_metrics(labels, preds, decimals=None)["full_test_set"]
+    assert (exact["TP"], exact["FP"], exact["TN"], exact["FN"]) == (0, 0, 1, 1)

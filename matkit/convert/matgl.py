@@ -263,13 +263,17 @@ def _main(argv: Optional[list] = None) -> int:
     parser.add_argument("output", help="matkit checkpoint to write (.pt)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="parameter dtype stored in the checkpoint (matgl's weights are float32)")
+    parser.add_argument("--energy-scale", choices=("own", "raw", "mp2020"), default="own",
+                        help="energy scale recorded for 'matkit discovery' (default own: not the Materials "
+                             "Project's, as for MatPES; formation energies then need fitted references)")
     args = parser.parse_args(argv)
     try:
         model = load_matgl_tensornet(args.source, dtype=getattr(torch, args.dtype))
     except MatglImportError as err:
         parser.exit(2, f"error: {err}\n")
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(args.source).resolve().name)
-    save_checkpoint(model, args.output, metadata={"source": f"matgl:{name}", "converted_by": "matkit.convert.matgl"})
+    save_checkpoint(model, args.output, metadata={"source": f"matgl:{name}", "converted_by": "matkit.convert.matgl",
+                                                  "energy_scale": args.energy_scale})
     print(f"wrote {args.output}: {len(model.species)} elements, cutoff {model.cutoff} Å")
     return 0
 

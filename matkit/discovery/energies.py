@@ -21,8 +21,9 @@ __all__ = ["ENERGY_SCALES", "elemental_reference_energies", "formation_energy_pe
            "energy_on_mp2020_scale", "hull_distance_benchmark", "hull_distance_from_phase_diagram",
            "ELEMENTAL_REFERENCES_PATH", "mp_vasp_parameters"]
 
-#: energy scales a model can be trained on: "raw" (uncorrected VASP), "mp2020" (MP2020-corrected)
-ENERGY_SCALES = ("raw", "mp2020")
+#: energy scales a model can be trained on: "raw" (uncorrected MP-style VASP), "mp2020" (MP2020-corrected),
+#: "own" (another DFT setting, e.g. MatPES: needs fitted references, :mod:`matkit.discovery.references`)
+ENERGY_SCALES = ("raw", "mp2020", "own")
 
 ELEMENTAL_REFERENCES_PATH = Path(__file__).resolve().parent / "data" / "2023-02-07-mp-elemental-reference-entries.json"
 
@@ -137,6 +138,9 @@ def energy_on_mp2020_scale(structure, energy: float, energy_scale: str, entry=No
     unchanged if the model was trained on corrected energies (``"mp2020"``, e.g. CHGNet)."""
     if energy_scale not in ENERGY_SCALES:
         raise ValueError(f"energy_scale must be one of {ENERGY_SCALES}, got {energy_scale!r}")
+    if energy_scale == "own":
+        raise ValueError("energies on a model's own scale cannot be put on the MP2020 scale by corrections: use "
+                         "fitted reference energies (matkit.discovery.references)")
     if energy_scale == "mp2020":
         return float(energy)
     return mp2020_corrected_energy(structure, energy, entry=entry)

@@ -6,11 +6,13 @@ Structures (:func:`read_structures`) -> list of ``(material_id, ase.Atoms)``:
 * WBM initial structures ``*.json.bz2`` (``pd.read_json``: columns ``material_id`` and ``initial_structure``,
   a pymatgen ``Structure.as_dict()``; other structure columns ``structure`` / ``relaxed_structure`` accepted);
 * extxyz (``.extxyz``/``.xyz``, or a ``.zip`` of extxyz files as ``wbm-initial-atoms.extxyz.zip``) with the id in
-  ``atoms.info["material_id"]``.
+  ``atoms.info["material_id"]``;
+* a matkit HDF5 dataset (``.h5``, e.g. ``datasets/mp20_val.h5``), ids from the frame ids.
 
 Labels (:func:`read_labels`): a WBM summary CSV (``wbm-summary.csv.gz``: ``material_id``,
 ``e_form_per_atom_mp2020_corrected``, ``e_above_hull_mp2020_corrected_ppd_mp``, ``unique_prototype``...) or an
-MP-20 CSV (``formation_energy_per_atom``, ``e_above_hull``, mapped onto the WBM column names).
+MP-20 CSV (``formation_energy_per_atom``, ``e_above_hull``, mapped onto the WBM column names), or a matkit HDF5
+dataset with those two per-frame properties (``datasets/mp20_*.h5``).
 
 Predictions (:func:`read_predictions` / :func:`write_predictions`): CSV ``material_id, e_form_per_atom_<model>``
 (+ optionally ``<model>_energy``, total eV), as the leaderboard's model prediction files.
@@ -44,7 +46,11 @@ def read_structures(path, limit: Optional[int] = None) -> List[Tuple[str, object
     if not path.exists():
         raise FileNotFoundError(f"structures file not found: {path}")
     suffix = _suffixes(path)
-    if ".csv" in suffix:
+    if suffix.endswith((".h5", ".hdf5")):
+        pairs = [(frame.id, frame.to_atoms()) for frame in _frames(path, limit)]
+        for _, atoms in pairs:
+            atoms.calc = None
+    elif ".csv" in suffix:
         pairs = _read_cif_csv(path, limit)
     elif ".json" in suffix:
         pairs = _read_structure_json(path, limit)
@@ -54,12 +60,21 @@ def read_structures(path, limit: Optional[int] = None) -> List[Tuple[str, object
         pairs = _read_extxyz(path, limit)
     else:
         raise ValueError(f"unknown structures format for {path.name}: expected .csv (MP-20 with a 'cif' column), "
-                         f".json[.bz2|.gz] (WBM initial structures), .extxyz/.xyz or .extxyz.zip")
+                         f".json[.bz2|.gz] (WBM initial structures), .extxyz/.xyz, .extxyz.zip or .h5 (matkit)")
     ids = [mid for mid, _ in pairs]
     dupes = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
     if dupes:
         raise ValueError(f"{path.name}: duplicate material ids {dupes[:10]}")
     return pairs
+
+
+def _frames(path: Path, limit=None):
+    """Frames of a matkit HDF5 dataset (the first ``limit``)."""
+    from ..data.hdf5 import FrameFile
+
+    frames = FrameFile(path)
+    n = len(frames) if limit is None else min(limit, len(frames))
+    return [frames[k] for k in range(n)]
 
 
 def _read_cif_csv(path: Path, limit) -> List[Tuple[str, object]]:
@@ -143,7 +158,12 @@ def read_labels(path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"labels file not found: {path}")
-    df = pd.read_csv(path)
+    if _suffixes(path).endswith((".h5", ".hdf5")):
+        rows = [dict(material_id=f.id, formula=f.to_atoms().get_chemical_formula(), **f.properties)
+                for f in _frames(path)]
+        df = pd.DataFrame(rows)
+    else:
+        df = pd.read_csv(path)
     if "material_id" not in df:
         raise KeyError(f"{path.name} lacks a 'material_id' column; columns: {list(df.columns)}")
     if E_FORM_COL not in df and "formation_energy_per_atom" in df:  # MP-20

@@ -11,6 +11,15 @@ snapshot 2c7f9fc; reimplemented, MIT, after Janosh Riebesell).
   subsets upstream fixes it to the unique-prototype prevalence);
 * MAE, RMSE, R2 on the hull distance over rows where both values are present (R2 as ``sklearn.r2_score``:
   a constant truth gives 1 for a perfect fit, else 0).
+
+Before that, :func:`discovery_metrics` applies upstream's two cleaning steps (``matbench_discovery.data.
+load_df_wbm_with_preds`` and ``load_discovery_predictions``), both on by default and switchable:
+
+* outlier mask: a predicted formation energy more than ``max_error`` (5 eV/atom) from the DFT one is treated as
+  failed (set missing: counted as predicted unstable, left out of MAE/RMSE/R2); how many were masked is
+  reported per subset (``masked_outliers``);
+* rounding: DFT formation energies, DFT hull distances and predictions are rounded to 3 decimals (``decimals``)
+  before the predicted hull distance ``e_hull_dft + e_form_pred - e_form_dft`` is formed and classified.
 """
 from __future__ import annotations
 
@@ -19,12 +28,16 @@ from typing import Dict, Optional
 import numpy as np
 import pandas as pd
 
-__all__ = ["STABILITY_THRESHOLD", "classify_stable", "stable_metrics", "r2_score", "discovery_metrics",
-           "METRIC_KEYS"]
+__all__ = ["STABILITY_THRESHOLD", "MAX_E_FORM_ERROR", "ROUND_DECIMALS", "classify_stable", "stable_metrics",
+           "r2_score", "discovery_metrics", "METRIC_KEYS"]
 
 STABILITY_THRESHOLD = 0.0
+#: upstream's outlier mask: |e_form_pred - e_form_dft| above this (eV/atom) counts as a failed prediction
+MAX_E_FORM_ERROR = 5.0
+#: upstream rounds labels and predictions to this many decimals (eV/atom) before classifying
+ROUND_DECIMALS = 3
 METRIC_KEYS = ("F1", "DAF", "Precision", "Recall", "Accuracy", "TPR", "FPR", "TNR", "FNR", "TP", "FP", "TN", "FN",
-               "MAE", "RMSE", "R2", "n", "missing_preds")
+               "MAE", "RMSE", "R2", "n", "missing_preds", "masked_outliers")
 
 
 def _numeric(values) -> np.ndarray:
@@ -91,15 +104,18 @@ def stable_metrics(each_true, each_pred, stability_threshold: float = STABILITY_
 
 def discovery_metrics(labels: pd.DataFrame, e_form_pred: pd.Series, *, e_form_col: str = "e_form_per_atom_mp2020_corrected",
                       e_hull_col: str = "e_above_hull_mp2020_corrected_ppd_mp", uniq_col: str = "unique_prototype",
-                      most_stable: Optional[int] = None,
-                      stability_threshold: float = STABILITY_THRESHOLD) -> Dict[str, Dict[str, float]]:
-    """Metrics per test subset, as upstream ``calc_discovery_metrics``.
+                      most_stable: Optional[int] = None, stability_threshold: float = STABILITY_THRESHOLD,
+                      max_error: Optional[float] = MAX_E_FORM_ERROR,
+                      decimals: Optional[int] = ROUND_DECIMALS) -> Dict[str, Dict[str, float]]:
+    """Metrics per test subset, as upstream ``calc_discovery_metrics`` after its cleaning steps.
 
     labels : DataFrame indexed by material id with the DFT formation energy, DFT hull distance and optionally
         the ``unique_prototype`` bool column. e_form_pred : predicted formation energies (eV/atom) indexed by
         material id; ids absent from it are missing predictions (counted unstable); ids not in ``labels`` are
         an error. Subsets: ``full_test_set``; ``unique_prototypes`` when the column exists;
         ``most_stable_<k>`` (k lowest predicted hull distances among unique prototypes, or all) if requested.
+    max_error : outlier mask threshold (eV/atom; None: no mask). decimals : rounding before classification
+        (None: no rounding). See the module docstring.
     """
     for col in (e_form_col, e_hull_col):
         if col not in labels:
@@ -111,9 +127,18 @@ def discovery_metrics(labels: pd.DataFrame, e_form_pred: pd.Series, *, e_form_co
         raise ValueError(f"{len(unknown)} predictions have ids not in the labels, e.g. {unknown[:5].tolist()}")
     if e_form_pred.index.has_duplicates:
         raise ValueError(f"duplicate prediction ids: {e_form_pred.index[e_form_pred.index.duplicated()][:10].tolist()}")
+    if max_error is not None and not (np.isfinite(max_error) and max_error >= 0):
+        raise ValueError(f"max_error must be a number >= 0 or None, got {max_error}")
     preds = pd.to_numeric(e_form_pred.reindex(labels.index), errors="coerce")
+    e_form_dft = labels[e_form_col].astype(float)
+    masked = pd.Series(False, index=labels.index)
+    if max_error is not None:
+        masked = (preds - e_form_dft).abs() > max_error
+        preds = preds.mask(masked)
     each_true = labels[e_hull_col].astype(float)
-    each_pred = each_true + preds - labels[e_form_col].astype(float)
+    if decimals is not None:
+        preds, e_form_dft, each_true = preds.round(decimals), e_form_dft.round(decimals), each_true.round(decimals)
+    each_pred = each_true + preds - e_form_dft
     subsets = {"full_test_set": labels.index}
     fixed_prevalence = None
     if uniq_col in labels:
@@ -128,4 +153,5 @@ def discovery_metrics(labels: pd.DataFrame, e_form_pred: pd.Series, *, e_form_co
         prevalence = fixed_prevalence if name != "full_test_set" else None
         out[name] = stable_metrics(each_true.loc[index], each_pred.loc[index], stability_threshold,
                                    prevalence=prevalence)
+        out[name]["masked_outliers"] = int(masked.loc[index].sum())
     return out

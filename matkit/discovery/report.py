@@ -17,7 +17,8 @@ __all__ = ["metrics_table", "write_metrics_tables", "cumulative_precision_daf", 
            "plot_hull_error_histogram", "plot_cumulative", "write_report"]
 
 _TABLE_KEYS = ("F1", "DAF", "Precision", "Recall", "Accuracy", "TPR", "FPR", "TNR", "FNR", "MAE", "RMSE", "R2",
-               "TP", "FP", "TN", "FN", "n", "missing_preds")
+               "TP", "FP", "TN", "FN", "n", "missing_preds", "masked_outliers")
+_COUNT_KEYS = ("TP", "FP", "TN", "FN", "n", "missing_preds", "masked_outliers")
 
 
 def metrics_table(metrics_by_subset: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
@@ -33,7 +34,7 @@ def _markdown(df: pd.DataFrame) -> str:
     for idx, row in df.iterrows():
         cells = []
         for col, value in row.items():
-            if col in ("TP", "FP", "TN", "FN", "n", "missing_preds"):
+            if col in _COUNT_KEYS:
                 cells.append("" if pd.isna(value) else str(int(value)))
             else:
                 cells.append("nan" if pd.isna(value) else f"{value:.4f}")

@@ -35,7 +35,8 @@ import pandas as pd
 from .relax import RelaxSettings, atoms_to_dict
 
 __all__ = ["shard_of", "shard_path", "RunSpec", "run_shard", "run", "read_records", "append_record",
-           "merge_records", "MergeError", "load_calculator", "records_to_frame"]
+           "merge_records", "MergeError", "load_calculator", "records_to_frame", "formation_energy_fields",
+           "recompute_formation_energies"]
 
 
 # ---- shards and records ----------------------------------------------------------------------------------------
@@ -98,8 +99,9 @@ def load_calculator(spec: str, device: str = "cpu", dtype: str = "float64"):
     """``(kind, object, energy_scale)`` for a calculator spec.
 
     ``"chgnet"`` (or ``"chgnet:0.3.0"``): CHGNet's ASE calculator, trained on MP2020-corrected energies;
-    a path to a matkit checkpoint: ``("matkit", model, scale)`` with the scale from the checkpoint metadata
-    (``energy_scale`` = ``"raw"`` or ``"mp2020"``; ``"raw"`` if absent).
+    a path to a matkit checkpoint or the name of a bundled potential (``matkit.potentials``):
+    ``("matkit", model, scale)`` with the scale from the checkpoint metadata (``energy_scale``: ``"raw"``,
+    ``"mp2020"`` or ``"own"``; ``"raw"`` if absent).
     """
     if spec.split(":")[0].lower() == "chgnet":
         from chgnet.model import CHGNet
@@ -108,9 +110,14 @@ def load_calculator(spec: str, device: str = "cpu", dtype: str = "float64"):
         version = spec.split(":", 1)[1] if ":" in spec else "0.3.0"
         model = CHGNet.load(model_name=version, use_device=device, verbose=False)
         return "ase", CHGNetCalculator(model=model, use_device=device), "mp2020"
+    from ..potentials import checkpoint_path, list_potentials
+
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"calculator spec {spec!r} is neither 'chgnet' nor an existing matkit checkpoint")
+        if spec not in list_potentials():
+            raise FileNotFoundError(f"calculator {spec!r} is neither 'chgnet', an existing matkit checkpoint nor a "
+                                    f"bundled potential ({', '.join(list_potentials())})")
+        path = checkpoint_path(spec)
     from ..checkpoint import load_checkpoint
 
     model, payload = load_checkpoint(path, return_payload=True)
@@ -136,6 +143,7 @@ class RunSpec:
     max_atoms: int = 4096
     limit: Optional[int] = None
     entries: Optional[str] = None
+    references: Optional[str] = None
     progress: bool = False
 
     def relax_settings(self) -> RelaxSettings:
@@ -159,22 +167,36 @@ def _load_entries(path: Optional[str]) -> Dict[str, dict]:
     return dict(zip(df["material_id"].astype(str), df[col]))
 
 
-def _make_record(material_id, result, energy_scale, entry, shard) -> dict:
+def formation_energy_fields(atoms, energy: float, energy_scale: str, entry=None, references=None) -> dict:
+    """``energy_mp2020``, ``e_form_per_atom`` (eV, eV/atom; None if undefined) and a ``note`` saying why not.
+
+    With ``references`` (a :class:`~matkit.discovery.references.ReferenceFit`) the formation energy is on the
+    model's own scale through the fitted references; otherwise the energy is put on the MP2020 scale
+    (``energy_scale`` "raw" or "mp2020") and MP's elemental references apply. A model on its own scale
+    (``"own"``) without references gets no formation energy.
+    """
     from .energies import energy_on_mp2020_scale, formation_energy_per_atom
 
+    try:
+        if references is not None:
+            return {"energy_mp2020": None, "e_form_per_atom": references.formation_energy(atoms, energy),
+                    "references": references.corrections}
+        if energy_scale == "own":
+            raise ValueError("the model's energies are on its own scale (not MP's): fit reference energies with "
+                             "'matkit discovery fit-references' and pass --references")
+        corrected = energy_on_mp2020_scale(atoms, energy, energy_scale, entry=entry)
+        return {"energy_mp2020": corrected, "e_form_per_atom": formation_energy_per_atom(atoms, corrected)}
+    except (ValueError, KeyError) as err:
+        return {"energy_mp2020": None, "e_form_per_atom": None, "note": f"no formation energy: {err}"}
+
+
+def _make_record(material_id, result, energy_scale, entry, shard, references=None) -> dict:
     atoms = result.atoms
     record = {"material_id": material_id, "status": "ok", "shard": shard, "n_atoms": len(atoms),
               "formula": atoms.get_chemical_formula(mode="metal"), "energy": result.energy,
               "n_steps": result.n_steps, "converged": result.converged, "wall_time": round(result.wall_time, 4),
               "energy_scale": energy_scale, "structure": atoms_to_dict(atoms)}
-    try:
-        corrected = energy_on_mp2020_scale(atoms, result.energy, energy_scale, entry=entry)
-        record["energy_mp2020"] = corrected
-        record["e_form_per_atom"] = formation_energy_per_atom(atoms, corrected)
-    except (ValueError, KeyError) as err:
-        record["energy_mp2020"] = None
-        record["e_form_per_atom"] = None
-        record["note"] = f"no formation energy: {err}"
+    record.update(formation_energy_fields(atoms, result.energy, energy_scale, entry, references))
     return record
 
 
@@ -198,11 +220,16 @@ def run_shard(spec: RunSpec) -> Dict[str, int]:
     kind, calc, scale = load_calculator(spec.calculator, spec.device, spec.dtype)
     scale = spec.energy_scale or scale
     entries = _load_entries(spec.entries)
+    references = None
+    if spec.references:
+        from .references import ReferenceFit
+
+        references = ReferenceFit.load(spec.references)
     settings = spec.relax_settings()
     bar = _progress(len(todo), f"shard {spec.shard}", spec.progress)
 
     def write(mid, result=None, err=None):
-        record = (_make_record(mid, result, scale, entries.get(mid), spec.shard) if err is None
+        record = (_make_record(mid, result, scale, entries.get(mid), spec.shard, references) if err is None
                   else _error_record(mid, err, spec.shard))
         append_record(path, record)
         counts["errors" if err is not None else "done"] += 1
@@ -261,7 +288,8 @@ def _progress(total, desc, enabled):
 
 # ---- whole runs --------------------------------------------------------------------------------------------------
 def _manifest(spec: RunSpec) -> dict:
-    keep = ("structures", "calculator", "n_shards", "settings", "energy_scale", "dtype", "limit", "entries")
+    keep = ("structures", "calculator", "n_shards", "settings", "energy_scale", "dtype", "limit", "entries",
+            "references")
     data = {k: getattr(spec, k) for k in keep}
     data["settings"] = dataclasses.asdict(spec.relax_settings())
     data["structures"] = str(Path(spec.structures).resolve())
@@ -408,6 +436,23 @@ def merge_records(out_dir, expected_ids: Optional[Iterable[str]] = None, n_shard
 def _head(items, k: int = 10) -> str:
     items = list(items)
     return ", ".join(map(str, items[:k])) + (f", ... (+{len(items) - k})" if len(items) > k else "")
+
+
+def recompute_formation_energies(records: pd.DataFrame, references=None, energy_scale: Optional[str] = None
+                                 ) -> pd.Series:
+    """Formation energies (eV/atom, NaN where undefined) of merged ``records`` recomputed from their energies and
+    final structures, e.g. with references fitted after the run. ``energy_scale`` overrides the recorded one."""
+    from .relax import atoms_from_dict
+
+    values = {}
+    for mid, row in records.iterrows():
+        if row.get("status") != "ok" or not isinstance(row.get("structure"), dict):
+            values[mid] = np.nan
+            continue
+        fields = formation_energy_fields(atoms_from_dict(row["structure"]), float(row["energy"]),
+                                         energy_scale or row.get("energy_scale", "raw"), references=references)
+        values[mid] = np.nan if fields["e_form_per_atom"] is None else fields["e_form_per_atom"]
+    return pd.Series(values, name="e_form_per_atom", dtype=float).reindex(records.index)
 
 
 def records_to_frame(records: Sequence[dict]) -> pd.DataFrame:
