@@ -9,7 +9,7 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from .graph import AtomicGraph, check_atoms
+from .graph import AtomicGraph, centred_positions, check_atoms, check_pair_distances
 from .neighbors import VerletNeighborList
 
 __all__ = ["MatkitCalculator", "time_energy_forces"]
@@ -30,6 +30,11 @@ class MatkitCalculator(Calculator):
 
     Properties: energy and free_energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, tensile
     positive; needs a 3D periodic cell), energies (per-atom, eV). Forces and stress are gradients of the energy.
+
+    Structures with NaN/inf positions, a degenerate periodic cell or atoms closer than 0.1 Å
+    (:data:`~matkit.graph.MIN_PAIR_DISTANCE`) raise ``ValueError`` naming the atoms. Positions are wrapped into
+    the cell and centred in float64 before the model sees them (:func:`~matkit.graph.centred_positions`), so
+    float32 keeps its precision for atoms far from the origin.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
@@ -71,8 +76,10 @@ class MatkitCalculator(Calculator):
         check_atoms(atoms.positions, atoms.cell.array, atoms.pbc)
         self.model.species_index(torch.as_tensor(atoms.numbers))  # unknown elements: clear error before any work
         i, j, S = self.neighbors.update(atoms.positions, atoms.cell.array, atoms.pbc)
+        check_pair_distances(atoms.positions, atoms.cell.array, i, j, S)
+        positions, S = centred_positions(atoms.positions, atoms.cell.array, atoms.pbc, S, i, j)
         graph = AtomicGraph(
-            pos=torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device),
+            pos=torch.as_tensor(positions, dtype=self.dtype, device=self.device),
             atomic_numbers=torch.as_tensor(atoms.numbers, dtype=torch.long, device=self.device),
             cell=torch.as_tensor(atoms.cell.array, dtype=self.dtype, device=self.device).unsqueeze(0),
             pbc=torch.as_tensor(atoms.pbc, device=self.device).unsqueeze(0),

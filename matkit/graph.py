@@ -25,7 +25,11 @@ from torch_geometric.data import Batch, Data
 from .neighbors import neighbor_list
 
 __all__ = ["AtomicGraph", "atoms_to_graph", "pymatgen_to_graph", "batch_graphs", "edge_vectors",
-           "check_atoms"]
+           "check_atoms", "check_pair_distances", "centred_positions", "MIN_PAIR_DISTANCE"]
+
+#: atoms closer than this (Å) are refused: no physical structure has them (H2's bond is 0.74 Å), and at zero
+#: distance the edge directions of every model are undefined (NaN energies)
+MIN_PAIR_DISTANCE = 0.1
 
 
 class AtomicGraph(Data):
@@ -81,6 +85,51 @@ def check_atoms(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> Non
                              f"cell={cell.tolist()}): zero-volume or degenerate lattice vectors")
         if pbc.all() and abs(np.linalg.det(cell)) < 1e-10:
             raise ValueError("cell has zero volume")
+
+
+def check_pair_distances(positions, cell, i, j, S) -> None:
+    """Raise ``ValueError`` naming the first pair ``(i, j, S)`` closer than :data:`MIN_PAIR_DISTANCE` (Å)."""
+    if len(i) == 0:
+        return
+    vec = positions[j] - positions[i] + np.asarray(S, dtype=np.float64) @ np.asarray(cell, dtype=np.float64)
+    d2 = np.einsum("ij,ij->i", vec, vec)
+    close = np.flatnonzero(d2 < MIN_PAIR_DISTANCE ** 2)
+    if close.size:
+        k = close[0]
+        raise ValueError(f"atoms {int(i[k])} and {int(j[k])} are {np.sqrt(d2[k]):.3f} Å apart (closer than "
+                         f"{MIN_PAIR_DISTANCE} Å: coincident or overlapping atoms)")
+
+
+def centred_positions(positions, cell, pbc, shifts, i, j):
+    """Positions moved next to the origin without changing any pair vector, for a safe cast to float32.
+
+    Periodic directions: every atom is wrapped into the cell (integer cell offsets ``n`` per atom, shifts of
+    the pairs ``(i, j, S)`` corrected to ``S + n_j - n_i``); then all atoms are translated together so that
+    their mean lies at the origin. Energies, forces and stress are unchanged; float32 keeps ~1e-6 Å resolution
+    instead of losing it for atoms far from the origin. Returns ``(positions, shifts)`` in float64.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    shifts = np.asarray(shifts, dtype=np.float64)
+    pbc = np.asarray(pbc, dtype=bool)
+    if pbc.any() and len(positions):
+        cell = np.asarray(cell, dtype=np.float64)
+        frac = np.linalg.solve(cell.T, positions.T).T if pbc.all() else _fractional_partial(positions, cell, pbc)
+        n = np.where(pbc, np.floor(frac), 0.0)
+        positions = positions - n @ cell
+        if len(i):
+            shifts = shifts + n[j] - n[i]
+    if len(positions):
+        positions = positions - positions.mean(axis=0)
+    return positions, shifts
+
+
+def _fractional_partial(positions, cell, pbc):
+    """Fractional coordinates along the periodic cell vectors when only some directions are periodic."""
+    vectors = cell[pbc]
+    coeffs, *_ = np.linalg.lstsq(vectors.T, positions.T, rcond=None)
+    frac = np.zeros_like(positions)
+    frac[:, pbc] = coeffs.T
+    return frac
 
 
 def _graph_from_arrays(positions, numbers, cell, pbc, cutoff, dtype, labels) -> AtomicGraph:

@@ -141,6 +141,9 @@ def test_stability_cli_with_the_universal_potential(tmp_path, capsys):
     hull = pd.read_csv(hull_csv, index_col=0)
     assert len(hull) == 5 and hull["e_above_hull_pred"].notna().all()
     assert (hull["note"] == "own entry left out of the hull").all()
-    with pytest.raises(FileNotFoundError, match="bundled potential"):
-        matkit_main(["discovery", "run", str(MP20_5), "-c", "no-such-potential", "-o", str(tmp_path / "x"),
-                     "--no-progress"])
+    capsys.readouterr()
+    assert matkit_main(["discovery", "run", str(MP20_5), "-c", "no-such-potential", "-o", str(tmp_path / "x"),
+                        "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-potential" in err and "bundled potential" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x" / "run.json").exists()

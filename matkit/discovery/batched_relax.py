@@ -16,6 +16,11 @@ model call per step for all structures in flight:
   take their place (an "in-flight" pool bounded by an atom budget).
 
 The FIRE state is kept in float64 whatever the model's dtype.
+
+One bad structure never stops the others: a structure whose state or model output stops being finite, whose atoms
+come closer than :data:`~matkit.graph.MIN_PAIR_DISTANCE`, or whose own evaluation raises, leaves the pool as a
+:class:`RelaxFailure` (naming its input index and the cause), yielded by ``irelax(..., errors="yield")`` or raised
+by default.
 """
 from __future__ import annotations
 
@@ -27,10 +32,19 @@ import torch
 
 from torch_geometric.data import Batch
 
+from ..graph import MIN_PAIR_DISTANCE
 from ..neighbors import batched_neighbor_list
 from .relax import RelaxResult, RelaxSettings
 
-__all__ = ["BatchedRelaxer", "batched_relax"]
+__all__ = ["BatchedRelaxer", "batched_relax", "RelaxFailure"]
+
+
+class RelaxFailure(ValueError):
+    """A structure that could not be relaxed: ``index`` is its position in the input, the message says why."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"structure {index}: {message}")
+        self.index = index
 
 
 class _Pool:
@@ -126,6 +140,16 @@ class _Pool:
         self.ids = [i for i, k in zip(self.ids, keep_np) if k]
         self.t0 = [t for t, k in zip(self.t0, keep_np) if k]
 
+    def subset(self, slot: int) -> "_Pool":
+        """A new pool holding only structure ``slot`` (this pool is left unchanged)."""
+        import copy
+
+        other = copy.copy(self)
+        mask = torch.zeros(len(self), dtype=torch.bool, device=self.device)
+        mask[slot] = True
+        other.keep(mask)
+        return other
+
     def replace_edges(self, slots: List[int], lists) -> None:
         """Replace the Verlet lists of structures ``slots`` by ``lists`` ((i, j, S) local int64 arrays each)."""
         drop = torch.zeros(len(self), dtype=torch.bool, device=self.device)
@@ -195,27 +219,46 @@ class BatchedRelaxer:
             results[index] = result
         return results  # type: ignore[return-value]
 
-    def irelax(self, structures: Iterable) -> Iterator[Tuple[int, RelaxResult]]:
-        """Yield ``(input index, RelaxResult)`` as structures finish (not in input order)."""
-        pending = ((i, _as_atoms(s)) for i, s in enumerate(structures))
+    def irelax(self, structures: Iterable, errors: str = "raise") -> Iterator[Tuple[int, RelaxResult]]:
+        """Yield ``(input index, RelaxResult)`` as structures finish (not in input order).
+
+        errors : "raise" (default) raises the first :class:`RelaxFailure`; "yield" yields ``(index, RelaxFailure)``
+            for every structure that fails and relaxes all the others.
+        """
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+
+        def emit(index, outcome):
+            if isinstance(outcome, RelaxFailure) and errors == "raise":
+                raise outcome
+            return index, outcome
+
+        pending = enumerate(structures)
         pool = _Pool(self.device)
         exhausted = False
         waiting = None
         while True:
             while not exhausted and self._has_room(pool, waiting):
                 if waiting is None:
-                    waiting = next(pending, None)
-                    if waiting is None:
+                    item = next(pending, None)
+                    if item is None:
                         exhausted = True
                         break
+                    try:
+                        waiting = (item[0], _as_atoms(item[1]))
+                        self._check(waiting[1])
+                    except Exception as err:  # noqa: BLE001 - becomes this structure's failure
+                        yield emit(item[0], RelaxFailure(item[0], f"{type(err).__name__}: {err}"))
+                        waiting = None
+                        continue
                 if not self._has_room(pool, waiting):
                     break
-                self._check(waiting[1])
                 pool.add(waiting[0], waiting[1], self.settings)
                 waiting = None
             if len(pool) == 0:
                 return
-            yield from self._step(pool)
+            for index, outcome in self._robust_step(pool):
+                yield emit(index, outcome)
 
     # ---- internals -------------------------------------------------------------------------------------------
     def _has_room(self, pool: _Pool, candidate) -> bool:
@@ -227,11 +270,42 @@ class BatchedRelaxer:
         return pool.total_atoms + n_new <= self.max_atoms
 
     def _check(self, atoms) -> None:
+        from ..graph import check_atoms
+
         if len(atoms) == 0:
             raise ValueError("cannot relax a structure with no atoms")
         if self.settings.relax_cell and not np.all(atoms.pbc):
             raise ValueError("cell relaxation needs a structure periodic in all three directions (pbc=True)")
+        check_atoms(atoms.positions, atoms.cell.array, atoms.pbc)
         self.model.species_index(torch.as_tensor(atoms.numbers))
+
+    def _robust_step(self, pool: _Pool) -> Iterator[Tuple[int, object]]:
+        """:meth:`_step`, but structures that make it fail leave the pool as :class:`RelaxFailure`.
+
+        Per-structure problems found before the model call (non-finite state, atoms too close) and after it
+        (non-finite energy, forces or stress) are attributed directly. If the batched step raises anyway, every
+        structure is evaluated alone once to find the ones that raise; the rest continue.
+        """
+        try:
+            yield from self._step(pool)
+            return
+        except Exception as err:  # noqa: BLE001 - find the culprit(s) below
+            batch_error = err
+        failed = {}
+        for slot in range(len(pool)):
+            single = pool.subset(slot)
+            try:
+                deform, positions, cells, seg = self._current_geometry(single)
+                self._evaluate(single, deform, positions, cells, seg)
+            except Exception as err:  # noqa: BLE001
+                failed[slot] = f"{type(err).__name__}: {err}"
+        if not failed:  # not attributable to one structure: a real bug, do not hide it
+            raise batch_error
+        keep = torch.ones(len(pool), dtype=torch.bool, device=self.device)
+        for slot, message in failed.items():
+            keep[slot] = False
+            yield pool.ids[slot], RelaxFailure(pool.ids[slot], message)
+        pool.keep(keep)
 
     def _current_geometry(self, pool: _Pool):
         """Deformation gradients F (B,3,3), Cartesian positions (N,3) and cells (B,3,3), float64."""
@@ -277,7 +351,14 @@ class BatchedRelaxer:
         src = pool.edge_src + ptr[pool.edge_seg]
         dst = pool.edge_dst + ptr[pool.edge_seg]
         vec = positions[src] - positions[dst] + torch.einsum("ek,ekl->el", pool.edge_shift, cells[pool.edge_seg])
-        inside = (vec * vec).sum(1) < self.model.cutoff ** 2
+        d2 = (vec * vec).sum(1)
+        too_close = d2 < MIN_PAIR_DISTANCE ** 2
+        if bool(too_close.any()):
+            b = int(pool.edge_seg[too_close][0])
+            e = int(torch.nonzero(too_close).flatten()[0])
+            raise ValueError(f"atoms {int(pool.edge_dst[e])} and {int(pool.edge_src[e])} of structure {pool.ids[b]} "
+                             f"are {float(d2[e].sqrt()):.3f} Å apart (closer than {MIN_PAIR_DISTANCE} Å)")
+        inside = d2 < self.model.cutoff ** 2
         batch = Batch(pos=positions.to(self.dtype), atomic_numbers=pool.numbers, cell=cells.to(self.dtype),
                       pbc=torch.as_tensor(pool.pbc, device=self.device), edge_index=torch.stack([src, dst])[:, inside],
                       shifts=pool.edge_shift[inside].to(self.dtype), batch=seg, ptr=ptr)
@@ -306,9 +387,20 @@ class BatchedRelaxer:
     def _step(self, pool: _Pool) -> Iterator[Tuple[int, RelaxResult]]:
         """Evaluate the pool, retire finished structures (yielding results), advance the rest by one FIRE step."""
         s = self.settings
+        bad = self._bad_state(pool)
+        if bad:
+            yield from self._drop(pool, bad)
+            if len(pool) == 0:
+                return
         deform, positions, cells, seg = self._current_geometry(pool)
         energy, forces, stress = self._evaluate(pool, deform, positions, cells, seg)
         f_atoms, f_cell = self._generalised_forces(pool, deform, forces, stress, cells, seg)
+        bad = self._bad_output(pool, energy, f_atoms, f_cell, seg)
+        if bad:  # drop them and take this step again without them (the others' state is unchanged so far)
+            yield from self._drop(pool, bad)
+            if len(pool):
+                yield from self._step(pool)
+            return
 
         n = len(pool)
         atom_norm_max = torch.zeros(n, dtype=torch.float64, device=self.device).scatter_reduce(
@@ -325,6 +417,29 @@ class BatchedRelaxer:
             f_atoms, f_cell = f_atoms[keep[seg]], f_cell[keep]
             seg = pool.seg
         self._fire_update(pool, f_atoms, f_cell, seg)
+
+    def _bad_state(self, pool: _Pool) -> dict:
+        """{slot: reason} for structures whose FIRE state is no longer finite (an exploding relaxation)."""
+        ok_atoms = torch.zeros(len(pool), dtype=torch.long, device=self.device).index_add_(
+            0, pool.seg, (~torch.isfinite(pool.x).all(1)).long()) == 0
+        finite_cell = torch.isfinite(pool.log_f).flatten(1).all(1)
+        bad = torch.nonzero(~(ok_atoms & finite_cell)).flatten().tolist()
+        return {b: f"positions or cell became non-finite after {int(pool.n_steps[b])} FIRE steps" for b in bad}
+
+    def _bad_output(self, pool: _Pool, energy, f_atoms, f_cell, seg) -> dict:
+        """{slot: reason} for structures with non-finite energies or generalised forces."""
+        atoms_ok = torch.zeros(len(pool), dtype=torch.long, device=self.device).index_add_(
+            0, seg, (~torch.isfinite(f_atoms).all(1)).long()) == 0
+        ok = torch.isfinite(energy) & atoms_ok & torch.isfinite(f_cell).flatten(1).all(1)
+        return {b: f"non-finite energy, forces or stress after {int(pool.n_steps[b])} FIRE steps "
+                   f"(energy {float(energy[b])})" for b in torch.nonzero(~ok).flatten().tolist()}
+
+    def _drop(self, pool: _Pool, bad: dict) -> Iterator[Tuple[int, object]]:
+        keep = torch.ones(len(pool), dtype=torch.bool, device=self.device)
+        for slot, reason in bad.items():
+            keep[slot] = False
+            yield pool.ids[slot], RelaxFailure(pool.ids[slot], reason)
+        pool.keep(keep)
 
     def _retire(self, pool, done, converged, energy, positions, cells):
         ptr = pool.ptr

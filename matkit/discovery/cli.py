@@ -104,6 +104,8 @@ def _add_metrics(sub) -> None:
 
 
 def _cmd_run(args) -> int:
+    import pandas as pd
+
     from .relax import RelaxSettings
     from .runner import merge_records, run
 
@@ -128,8 +130,10 @@ def _cmd_run(args) -> int:
 
         records = merge_records(args.out)
         path = write_predictions(args.merge, records["e_form_per_atom"], args.model_name,
-                                 energy=records.get("energy"))
-        print(f"wrote {len(records)} predictions to {path}")
+                                 energy=records.get("energy"), flags=records.get("flags"))
+        flagged = records.get("flags", pd.Series(dtype=object)).fillna("").astype(bool).sum()
+        print(f"wrote {len(records)} predictions to {path} ({flagged} flagged: see its {args.model_name}_flags "
+              "column)")
     return 0
 
 

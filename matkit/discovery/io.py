@@ -27,8 +27,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
-__all__ = ["read_structures", "read_labels", "read_predictions", "write_predictions", "E_FORM_COL", "E_HULL_COL",
-           "UNIQ_COL"]
+__all__ = ["read_structures", "read_labels", "read_predictions", "write_predictions", "StructureError", "E_FORM_COL",
+           "E_HULL_COL", "UNIQ_COL"]
 
 E_FORM_COL = "e_form_per_atom_mp2020_corrected"
 E_HULL_COL = "e_above_hull_mp2020_corrected_ppd_mp"
@@ -40,8 +40,19 @@ def _suffixes(path: Path) -> str:
     return "".join(path.suffixes).lower()
 
 
-def read_structures(path, limit: Optional[int] = None) -> List[Tuple[str, object]]:
-    """Read ``(material_id, ase.Atoms)`` pairs from an MP-20 CSV, a WBM structures JSON or extxyz (zip)."""
+class StructureError(ValueError):
+    """A structure of an input file could not be read; the message names the file, the row and the id."""
+
+
+def read_structures(path, limit: Optional[int] = None, errors: str = "raise") -> List[Tuple[str, object]]:
+    """Read ``(material_id, ase.Atoms)`` pairs from an MP-20 CSV, a WBM structures JSON or extxyz (zip).
+
+    errors : "raise" raises :class:`StructureError` for the first unreadable structure; "keep" returns
+        ``(material_id, StructureError)`` in its place, so that a run records it as failed and goes on.
+    A missing or empty material id is always an error naming the row.
+    """
+    if errors not in ("raise", "keep"):
+        raise ValueError(f"errors must be 'raise' or 'keep', got {errors!r}")
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"structures file not found: {path}")
@@ -65,6 +76,10 @@ def read_structures(path, limit: Optional[int] = None) -> List[Tuple[str, object
     dupes = pd.Index(ids)[pd.Index(ids).duplicated()].unique().tolist()
     if dupes:
         raise ValueError(f"{path.name}: duplicate material ids {dupes[:10]}")
+    if errors == "raise":
+        bad = next((atoms for _, atoms in pairs if isinstance(atoms, Exception)), None)
+        if bad is not None:
+            raise bad
     return pairs
 
 
@@ -78,7 +93,7 @@ def _frames(path: Path, limit=None):
 
 
 def _read_cif_csv(path: Path, limit) -> List[Tuple[str, object]]:
-    from pymatgen.core import Structure
+    from pymatgen.core import Composition, Structure
     from pymatgen.io.ase import AseAtomsAdaptor
     import warnings
 
@@ -86,12 +101,32 @@ def _read_cif_csv(path: Path, limit) -> List[Tuple[str, object]]:
     for col in ("material_id", "cif"):
         if col not in df:
             raise KeyError(f"{path.name} lacks column {col!r} (MP-20 format); columns: {list(df.columns)}")
+    formulas = df["pretty_formula"] if "pretty_formula" in df else pd.Series([None] * len(df))
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "fractional coordinates rounded to ideal values"
-        for mid, cif in zip(df["material_id"], df["cif"]):
-            out.append((str(mid), AseAtomsAdaptor.get_atoms(Structure.from_str(cif, fmt="cif"))))
+        for row, (mid, cif, formula) in enumerate(zip(df["material_id"], df["cif"], formulas), start=2):
+            mid = _material_id(mid, path, row)
+            try:
+                if not isinstance(cif, str) or not cif.strip():
+                    raise ValueError("empty cif")
+                structure = Structure.from_str(cif, fmt="cif")
+                if isinstance(formula, str) and structure.composition.reduced_formula != \
+                        Composition(formula).reduced_formula:
+                    raise ValueError(f"the CIF gives {structure.composition.reduced_formula} but the row's "
+                                     f"pretty_formula is {formula} (truncated or corrupt CIF?)")
+                out.append((mid, AseAtomsAdaptor.get_atoms(structure)))
+            except Exception as err:  # noqa: BLE001 - one bad row is recorded, the others are read
+                out.append((mid, StructureError(f"{path.name} row {row} ({mid}): unreadable structure: "
+                                                f"{' '.join(str(err).split())[:200]}")))
     return out
+
+
+def _material_id(value, path: Path, row: int) -> str:
+    """A material id as text; a missing one (empty, NaN) is an error naming the row (no id, no record)."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)) or not str(value).strip():
+        raise ValueError(f"{path.name} row {row}: material_id is missing")
+    return str(value).strip()
 
 
 def _read_structure_json(path: Path, limit) -> List[Tuple[str, object]]:
@@ -209,13 +244,16 @@ def read_predictions(path, column: Optional[str] = None) -> pd.Series:
 
 
 def write_predictions(path, e_form: pd.Series, model: str, energy: Optional[pd.Series] = None,
-                      decimals: Optional[int] = None) -> Path:
-    """Write ``material_id, e_form_per_atom_<model>[, <model>_energy]`` (eV/atom, eV) as CSV (gz if the name
-    ends with .gz). ``decimals``: round (the leaderboard files use 4); default full precision."""
+                      decimals: Optional[int] = None, flags: Optional[pd.Series] = None) -> Path:
+    """Write ``material_id, e_form_per_atom_<model>[, <model>_energy][, <model>_flags]`` (eV/atom, eV) as CSV
+    (gz if the name ends with .gz). ``decimals``: round (the leaderboard files use 4); default full precision.
+    ``flags``: per material, what a user must know before trusting the row ("not converged", "failed", ...)."""
     path = Path(path)
     df = pd.DataFrame({f"e_form_per_atom_{model}": e_form})
     if energy is not None:
         df.insert(0, f"{model}_energy", energy.reindex(df.index))
+    if flags is not None:
+        df[f"{model}_flags"] = flags.reindex(df.index).fillna("")
     df.index.name = "material_id"
     if decimals is not None:
         df = df.round(decimals)

@@ -153,7 +153,7 @@ class RunSpec:
 def _structures_of_shard(spec: RunSpec) -> List[Tuple[str, object]]:
     from .io import read_structures
 
-    pairs = read_structures(spec.structures, limit=spec.limit)
+    pairs = read_structures(spec.structures, limit=spec.limit, errors="keep")
     return [(mid, atoms) for mid, atoms in pairs if shard_of(mid, spec.n_shards) == spec.shard]
 
 
@@ -190,6 +190,24 @@ def formation_energy_fields(atoms, energy: float, energy_scale: str, entry=None,
         return {"energy_mp2020": None, "e_form_per_atom": None, "note": f"no formation energy: {err}"}
 
 
+#: a formation energy beyond this (eV/atom) is flagged as unphysical (real ones lie within about -5 .. +4)
+MAX_PLAUSIBLE_E_FORM = 10.0
+
+
+def record_flags(record: dict) -> str:
+    """``;``-separated warnings a prediction must carry: "not converged", "unphysical formation energy",
+    "no formation energy" (empty when none)."""
+    flags = []
+    if not record.get("converged", False):
+        flags.append("not converged")
+    e_form = record.get("e_form_per_atom")
+    if e_form is None or not math.isfinite(e_form):
+        flags.append("no formation energy")
+    elif abs(e_form) > MAX_PLAUSIBLE_E_FORM:
+        flags.append("unphysical formation energy")
+    return ";".join(flags)
+
+
 def _make_record(material_id, result, energy_scale, entry, shard, references=None) -> dict:
     atoms = result.atoms
     record = {"material_id": material_id, "status": "ok", "shard": shard, "n_atoms": len(atoms),
@@ -197,12 +215,18 @@ def _make_record(material_id, result, energy_scale, entry, shard, references=Non
               "n_steps": result.n_steps, "converged": result.converged, "wall_time": round(result.wall_time, 4),
               "energy_scale": energy_scale, "structure": atoms_to_dict(atoms)}
     record.update(formation_energy_fields(atoms, result.energy, energy_scale, entry, references))
+    if not math.isfinite(result.energy):
+        record["e_form_per_atom"] = None
+    record["flags"] = record_flags(record)
     return record
 
 
 def _error_record(material_id, err, shard) -> dict:
+    import sys
+
+    trace = traceback.format_exc(limit=5) if sys.exc_info()[0] is not None else ""
     return {"material_id": material_id, "status": "error", "shard": shard, "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc(limit=5), "e_form_per_atom": None}
+            "traceback": trace, "e_form_per_atom": None, "flags": "failed"}
 
 
 def run_shard(spec: RunSpec) -> Dict[str, int]:
@@ -235,6 +259,10 @@ def run_shard(spec: RunSpec) -> Dict[str, int]:
         counts["errors" if err is not None else "done"] += 1
         bar.update(1)
 
+    unreadable = [(mid, atoms) for mid, atoms in todo if isinstance(atoms, Exception)]
+    for mid, err in unreadable:  # input rows that could not be parsed: recorded as failed, the rest goes on
+        write(mid, err=err)
+    todo = [(mid, atoms) for mid, atoms in todo if not isinstance(atoms, Exception)]
     if kind == "matkit" and spec.batched:
         _run_batched(calc, todo, settings, spec, write)
     else:
@@ -256,18 +284,17 @@ def run_shard(spec: RunSpec) -> Dict[str, int]:
 
 
 def _run_batched(model, todo, settings, spec: RunSpec, write) -> None:
-    from .batched_relax import BatchedRelaxer
+    """Relax ``todo`` with the batched relaxer; a structure that fails becomes an error record naming it and the
+    cause (the relaxer takes it out of its pool), the others carry on."""
+    from .batched_relax import BatchedRelaxer, RelaxFailure
 
     relaxer = BatchedRelaxer(model, settings, device=spec.device, dtype=spec.dtype, max_atoms=spec.max_atoms)
-    good = []
-    for mid, atoms in todo:  # structures the model cannot handle become error records up front
-        try:
-            relaxer._check(atoms)
-            good.append((mid, atoms))
-        except Exception as err:
-            write(mid, err=err)
-    for index, result in relaxer.irelax(atoms for _, atoms in good):
-        write(good[index][0], result)
+    for index, outcome in relaxer.irelax((atoms for _, atoms in todo), errors="yield"):
+        mid = todo[index][0]
+        if isinstance(outcome, RelaxFailure):
+            write(mid, err=ValueError(str(outcome).split(": ", 1)[-1]))
+        else:
+            write(mid, outcome)
 
 
 class _NoBar:
@@ -321,30 +348,98 @@ def run(structures, out_dir, calculator: str, n_shards: int = 1, workers: int = 
     """
     base = RunSpec(structures=str(structures), out_dir=str(out_dir), calculator=calculator, n_shards=n_shards,
                    **spec_kwargs)
-    _check_manifest(Path(out_dir), base)
-    shard_ids = list(range(n_shards)) if shards is None else [int(s) for s in shards]
-    bad = [s for s in shard_ids if not 0 <= s < n_shards]
-    if bad:
-        raise ValueError(f"shard indices {bad} outside [0, {n_shards})")
-    specs = [dataclasses.replace(base, shard=s, progress=progress and workers <= 1) for s in shard_ids]
-    if backend == "ray":
-        return run_ray(specs, workers)
-    if backend != "local":
-        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
-    if workers <= 1:
-        return [run_shard(s) for s in specs]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    shard_ids = _validate_run(base, shards, workers, backend)  # before anything is written
+    with _RunLock(Path(out_dir)):
+        _check_manifest(Path(out_dir), base)
+        specs = [dataclasses.replace(base, shard=s, progress=progress and workers <= 1) for s in shard_ids]
+        if backend == "ray":
+            return run_ray(specs, workers)
+        if workers <= 1:
+            return [run_shard(s) for s in specs]
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    results = []
-    bar = _progress(len(specs), "shards", progress)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-        futures = [pool.submit(run_shard, s) for s in specs]
-        for future in as_completed(futures):
-            results.append(future.result())
-            bar.update(1)
-    bar.close()
-    return sorted(results, key=lambda c: c["shard"])
+        results = []
+        bar = _progress(len(specs), "shards", progress)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
+                                 initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+            futures = [pool.submit(run_shard, s) for s in specs]
+            for future in as_completed(futures):
+                results.append(future.result())
+                bar.update(1)
+        bar.close()
+        return sorted(results, key=lambda c: c["shard"])
+
+
+def _validate_run(spec: RunSpec, shards, workers: int, backend: str) -> List[int]:
+    """Check a run's inputs (cheaply: no structure is parsed, no model loaded) -> the shard indices to run."""
+    if not isinstance(spec.n_shards, int) or spec.n_shards < 1:
+        raise ValueError(f"n_shards must be an integer >= 1, got {spec.n_shards!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    if not Path(spec.structures).is_file():
+        raise FileNotFoundError(f"structures file not found: {spec.structures}")
+    if spec.calculator.split(":")[0].lower() != "chgnet" and not Path(spec.calculator).is_file():
+        from ..potentials import list_potentials
+
+        if spec.calculator not in list_potentials():
+            raise FileNotFoundError(f"calculator {spec.calculator!r} is neither 'chgnet', an existing matkit "
+                                    f"checkpoint nor a bundled potential ({', '.join(list_potentials())})")
+    for name in ("entries", "references"):
+        value = getattr(spec, name)
+        if value and not Path(value).is_file():
+            raise FileNotFoundError(f"{name} file not found: {value}")
+    spec.relax_settings()
+    shard_ids = list(range(spec.n_shards)) if shards is None else [int(s) for s in shards]
+    bad = [s for s in shard_ids if not 0 <= s < spec.n_shards]
+    if bad or not shard_ids:
+        raise ValueError(f"shard indices {bad or shard_ids} outside [0, {spec.n_shards}) or none given")
+    return shard_ids
+
+
+class _RunLock:
+    """An exclusive lock on ``out_dir/.lock`` for the duration of a run: a second run on the same directory (or a
+    rerun while orphaned workers of a killed one still write) fails at once instead of recording twice. Worker
+    processes inherit the lock, so it is held until the last of them exits."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "a")
+        try:
+            fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.close()
+            raise RuntimeError(f"{self.path.parent} is in use by another run (lock {self.path}); wait for it to "
+                               "finish or use another output directory") from None
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.handle.fileno(), fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool-worker initializer: ask Linux to kill this worker when its parent dies (``PR_SET_PDEATHSIG``), so a
+    killed run leaves no workers writing records behind it; exit at once if the parent is already gone."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 def _pool_context():
@@ -400,7 +495,8 @@ def merge_records(out_dir, expected_ids: Optional[Iterable[str]] = None, n_shard
             raise MergeError(f"{out_dir}: cannot tell the expected ids (no run.json); pass expected_ids")
         from .io import read_structures
 
-        expected_ids = [mid for mid, _ in read_structures(manifest["structures"], limit=manifest.get("limit"))]
+        expected_ids = [mid for mid, _ in read_structures(manifest["structures"], limit=manifest.get("limit"),
+                                                          errors="keep")]
     expected = list(dict.fromkeys(str(i) for i in expected_ids))
     records, problems = [], []
     for shard in range(n_shards):
