@@ -8,8 +8,9 @@ For ``tensornet-matpes-pbe`` and ``tensornet-matpes-r2scan`` (energies on MatPES
 1. relax all train and val crystals (FIRE + FrechetCellFilter, fmax 0.05 eV/Å, <= 500 steps; matkit's batched
    relaxer, float64) with ``matkit.discovery.run`` (sharded, resumable: rerunning continues where it stopped);
 2. fit per-element reference energies on the **train** crystals only, for each correction choice (``none``,
-   ``mp2020``, ``fitted-u``: :mod:`matkit.discovery.references`), and pick the choice with the lowest 5-fold
-   cross-validated formation-energy MAE on train (the val crystals play no part in the choice);
+   ``mp2020``, ``fitted-u``: :mod:`matkit.discovery.references`) and loss (least squares ``l2``, least absolute
+   deviations ``l1``), and pick the combination with the lowest 5-fold cross-validated formation-energy MAE on
+   train (the val crystals play no part in the choice);
 3. formation energies of the **val** crystals with those references, hull distances with the benchmark's formula
    (``e_hull_MP + e_form_pred - e_form_MP``), the benchmark's metrics (outlier mask and rounding as upstream),
    plots; and, for comparison, hull distances of the val crystals against the hull of the train crystals
@@ -37,7 +38,8 @@ import pandas as pd
 from matkit.discovery.hull import hull_distances, read_hull_entries
 from matkit.discovery.io import E_FORM_COL, E_HULL_COL, read_labels
 from matkit.discovery.metrics import discovery_metrics
-from matkit.discovery.references import CORRECTIONS, cross_validated_formation_energies, fit_reference_energies
+from matkit.discovery.references import (CORRECTIONS, LOSSES, cross_validated_formation_energies,
+                                        fit_reference_energies)
 from matkit.discovery.relax import atoms_from_dict
 from matkit.discovery.report import metrics_table, write_report
 from matkit.discovery.runner import merge_records, recompute_formation_energies, run
@@ -63,12 +65,15 @@ def choose_references(records: pd.DataFrame, labels: pd.DataFrame) -> tuple:
     energies, target = ok["energy"].astype(float).to_numpy(), labels.loc[ok.index, E_FORM_COL].to_numpy()
     cv = {}
     for corrections in CORRECTIONS:
-        predicted = cross_validated_formation_energies(structures, energies, target, corrections=corrections)
-        good = np.isfinite(predicted)
-        cv[corrections] = {"cv_mae": float(np.abs(predicted[good] - target[good]).mean()),
-                           "cv_missing": int((~good).sum())}
+        for loss in LOSSES:
+            predicted = cross_validated_formation_energies(structures, energies, target, corrections=corrections,
+                                                           loss=loss)
+            good = np.isfinite(predicted)
+            cv[f"{corrections}/{loss}"] = {"cv_mae": float(np.abs(predicted[good] - target[good]).mean()),
+                                           "cv_missing": int((~good).sum())}
     best = min(cv, key=lambda c: cv[c]["cv_mae"])
-    fit = fit_reference_energies(structures, energies, target, corrections=best,
+    corrections, loss = best.split("/")
+    fit = fit_reference_energies(structures, energies, target, corrections=corrections, loss=loss,
                                  fitted_on=f"{len(ok)} crystals of mp20_train.h5")
     return fit, cv
 
@@ -92,7 +97,7 @@ def main(argv=None):
             train_records, info["relax_wall_s_train"] = relax(model, "train", args.out, args)
             fit, info["references_cv_on_train"] = choose_references(train_records, train_labels)
             fit.save(args.results / f"references_{model}.json")
-            info["references"] = {"corrections": fit.corrections, "elements": len(fit.elements),
+            info["references"] = {"corrections": fit.corrections, "loss": fit.loss, "elements": len(fit.elements),
                                   "u_terms": len(fit.u_terms), "fit_mae_train": fit.fit_mae}
             val_records, info["relax_wall_s_val"] = relax(model, "val", args.out, args)
             preds = recompute_formation_energies(val_records, fit)

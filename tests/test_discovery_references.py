@@ -147,3 +147,16 @@ def test_stability_cli_with_the_universal_potential(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no-such-potential" in err and "bundled potential" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x" / "run.json").exists()
+
+
+def test_l1_fit_ignores_a_gross_outlier_that_least_squares_spreads():
+    mu = {"Na": -1.3, "Cl": -1.9, "Fe": -8.1, "O": -4.7}
+    comps, energies, e_form = _synthetic(mu)
+    comps, energies, e_form = comps * 2, np.tile(energies, 2), np.tile(e_form, 2)
+    energies[3] += 5.0 * comps[3].num_atoms  # one material 5 eV/atom off (Na3Cl)
+    l2 = fit_reference_energies(comps, energies, e_form, regularization=1e-12)
+    l1 = fit_reference_energies(comps, energies, e_form, regularization=1e-12, loss="l1")
+    assert max(abs(l2.elements[el] - v) for el, v in mu.items()) > 0.1
+    for el, value in mu.items():
+        assert l1.elements[el] == pytest.approx(value, abs=1e-4)
+    assert l1.loss == "l1" and ReferenceFit(**{**l1.__dict__}).loss == "l1"

@@ -65,6 +65,8 @@ def _add_fit_references(sub) -> None:
     p.add_argument("--labels", "-l", type=Path, required=True, help="their DFT labels (MP-20 .h5/.csv, WBM summary)")
     p.add_argument("--out", "-o", type=Path, required=True, help="JSON file to write")
     p.add_argument("--corrections", choices=["none", "mp2020", "fitted-u"], default="none")
+    p.add_argument("--loss", choices=["l2", "l1"], default="l2",
+                   help="least squares (l2) or least absolute deviations (l1, the benchmark's MAE)")
     p.add_argument("--regularization", type=float, default=1e-6, help="ridge weight toward MP's references")
     p.set_defaults(func=_cmd_fit_references)
 
@@ -197,10 +199,11 @@ def _cmd_fit_references(args) -> int:
     structures = [atoms_from_dict(d) for d in ok["structure"]]
     fit = fit_reference_energies(structures, ok["energy"].astype(float).to_numpy(),
                                  labels.loc[ok.index, E_FORM_COL].to_numpy(), corrections=args.corrections,
-                                 regularization=args.regularization, fitted_on=f"{len(ok)} crystals of {args.labels.name}")
+                                 regularization=args.regularization, loss=args.loss,
+                                 fitted_on=f"{len(ok)} crystals of {args.labels.name}")
     fit.save(args.out)
     print(f"fitted {len(fit.elements)} element references{' and ' + str(len(fit.u_terms)) + ' U terms' if fit.u_terms else ''} "
-          f"({fit.corrections}) on {fit.n_fit} crystals ({len(records) - len(ok)} failed relaxations left out): "
+          f"({fit.corrections}, {fit.loss}) on {fit.n_fit} crystals ({len(records) - len(ok)} failed relaxations left out): "
           f"training MAE {fit.fit_mae:.4f} eV/atom; wrote {args.out}")
     if not np.isfinite(fit.fit_mae):
         return 1
