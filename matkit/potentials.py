@@ -1,7 +1,8 @@
-"""Bundled trained potentials: ``potentials/<name>/model.pt`` with a model card ``README.md``.
+"""Bundled potentials: ``potentials/<name>/model.pt`` with a model card ``README.md``.
 
-Search order: the directories in ``$MATKIT_POTENTIALS`` (``os.pathsep``-separated), then the repository's
-``potentials/`` folder next to the ``matkit`` package.
+Search order: the directories in ``$MATKIT_POTENTIALS`` (``os.pathsep``-separated); the repository's
+``potentials/`` folder next to the ``matkit`` package (a source checkout); the package
+``matkit.bundled_potentials`` that installs and wheels carry (the same files, see ``pyproject.toml``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,19 @@ DEFAULT_POTENTIAL = "tensornet-matpes-pbe"
 
 def search_paths() -> List[Path]:
     paths = [Path(p) for p in os.environ.get("MATKIT_POTENTIALS", "").split(os.pathsep) if p]
-    paths.append(Path(__file__).resolve().parent.parent / "potentials")
+    checkout = Path(__file__).resolve().parent.parent / "potentials"
+    if checkout.is_dir():
+        paths.append(checkout)
+    from importlib.util import find_spec
+
+    try:  # a namespace package (no __init__.py): its folders are the search locations
+        spec = find_spec("matkit.bundled_potentials")
+    except ModuleNotFoundError:
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        installed = Path(location).resolve()
+        if installed.is_dir() and installed not in [p.resolve() for p in paths]:
+            paths.append(installed)
     return paths
 
 
