@@ -161,11 +161,12 @@ def main(argv=None):
         ours = run_side(name, "ours", sys.executable, systems, args.threads, args.device)
         peer = {}
         if spec.PEER and not args.no_peers:
-            python = spec.PEER_PYTHON or sys.executable
-            if Path(python).exists():
+            python = spec.PEER_PYTHON
+            if python and Path(python).exists():
                 peer = run_side(name, "peer", python, systems, args.threads, args.device)
             else:
-                print(f"  peer interpreter {python} not found: peer skipped")
+                print(f"  peer skipped: its venv's python ({python or 'unset'}) is not there; see "
+                      "benchmarks/model_specs/README.md for the environment variable and how to create it")
         print(f"\n## {name} vs {spec.PEER or '(no peer)'}")
         print("| system | mode | ours ms | peer ms | speed-up | ours MB | peer MB | EFS/EF ours |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")

@@ -140,6 +140,8 @@ def main(argv=None):
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default="2,4,6", help="Si supercells n (8 n^3 atoms)")
     parser.add_argument("--md-steps", type=int, default=50)
+    parser.add_argument("--peer-python", default=None,
+                        help="python of the torchmd-net venv (default $MATKIT_TMD_PYTHON)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="ours and the peer run alternately this many times; per-round medians are averaged")
     args = parser.parse_args(argv)
@@ -149,10 +151,13 @@ def main(argv=None):
         return
     from model_specs import tensornet as spec
 
+    peer_python = args.peer_python or spec.PEER_PYTHON
+    if not peer_python:
+        parser.error("give torchmd-net's python with --peer-python or $MATKIT_TMD_PYTHON")
     rounds = {"ours": [], "peer": []}
     for _ in range(max(1, args.rounds)):  # alternate the sides so a drift in machine load hits both
         rounds["ours"].append(run("ours", sys.executable, sizes, args.md_steps))
-        rounds["peer"].append(run("peer", spec.PEER_PYTHON, sizes, args.md_steps))
+        rounds["peer"].append(run("peer", peer_python, sizes, args.md_steps))
     ours, peer = average_rounds(rounds["ours"]), average_rounds(rounds["peer"])
     print(f"matkit TensorNet vs {spec.PEER}; 1 thread; {args.rounds} alternating rounds; "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')} (same for both sides); "

@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-PEER_PYTHON = "/work/peers/tmd/bin/python"
+PEER_PYTHON = os.environ.get("MATKIT_TMD_PYTHON")  # torchmd-net venv (see benchmarks/model_specs/README.md)
 SPECIES = [1, 6, 8, 14]
 
 
@@ -162,7 +162,8 @@ def compare(workdir: Path, spec: dict, fixture: Path | None = None) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-stage", help=argparse.SUPPRESS)
-    parser.add_argument("--peer-python", default=PEER_PYTHON)
+    parser.add_argument("--peer-python", default=PEER_PYTHON,
+                        help="python of the torchmd-net venv (default $MATKIT_TMD_PYTHON)")
     parser.add_argument("--small", action="store_true", help="8 channels, 6 rbf, 4.5 Å, max_z 16 (the test fixture model)")
     parser.add_argument("--group", default="O(3)", choices=["O(3)", "SO(3)"])
     parser.add_argument("--seed", type=int, default=0)
@@ -172,6 +173,8 @@ def main(argv=None):
         workdir = Path(args.peer_stage)
         peer_stage(workdir, json.loads((workdir / "spec.json").read_text()))
         return
+    if not args.peer_python:
+        parser.error("give torchmd-net's python with --peer-python or $MATKIT_TMD_PYTHON")
     channels, rbf, cutoff, max_z = (8, 6, 4.5, 16) if args.small else (128, 32, 5.0, 128)
     spec = dict(channels=channels, layers=2, rbf=rbf, cutoff=cutoff, group=args.group, seed=args.seed, max_z=max_z,
                 structures=structures())

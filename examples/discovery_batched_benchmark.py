@@ -3,7 +3,7 @@
 Default model: Lennard-Jones with a smooth cutoff (sigma 2 Å, epsilon 0.05 eV, rc 5 Å) for every element (no bundled
 potential covers these elements; LJ is exact and smooth, so both paths must reach the same minima). (LJ is not a
 physical model of these oxides/intermetallics; the relaxations are long, 30-150 FIRE steps, which is what a
-throughput test needs.) Structures: the first N MP-20 crystals of shared/data/cdvae_mp20_subset (val, then train).
+throughput test needs.) Structures: the first N MP-20 crystals of datasets/mp20_val.h5 then datasets/mp20_train.h5.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python examples/discovery_batched_benchmark.py --n 100
 
@@ -31,7 +31,7 @@ from matkit.discovery.batched_relax import BatchedRelaxer
 from matkit.discovery.io import read_structures
 from matkit.discovery.relax import relax_atoms
 
-DATA = Path("/work/shared/data/cdvae_mp20_subset")
+DATA = Path(__file__).resolve().parent.parent / "datasets"
 
 
 def potential_workload(name: str, n: int, seed: int = 0):
@@ -73,7 +73,8 @@ def main(argv=None):
     if args.potential:
         atoms, model, model_name = potential_workload(args.potential, args.n)
     else:
-        pairs = read_structures(DATA / "val.csv") + read_structures(DATA / "train.csv", limit=max(0, args.n - 123))
+        pairs = read_structures(DATA / "mp20_val.h5") + read_structures(DATA / "mp20_train.h5",
+                                                                         limit=max(0, args.n - 123))
         atoms = [a for _, a in pairs[:args.n]]
         model = matkit.build("lj", sigma=2.0, epsilon=0.05, rc=5.0, smooth=True)
         model_name = "LJ smooth cutoff sigma=2.0 epsilon=0.05 rc=5.0 (all elements)"

@@ -17,14 +17,24 @@ import numpy as np
 
 from matkit.discovery.io import read_predictions
 
-SHARED = Path("/work/shared/data/matbench_discovery")
+#: the prediction files (not in the repository: 10-20 MB each); $MATKIT_DISCOVERY_DATA or --data overrides
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "matbench_discovery"
 N_WBM = 256_963  # size of the cleaned WBM test set
 
 
-def main():
-    mace = read_predictions(SHARED / "2023-12-11-mace-mp-0-wbm-IS2RE-FIRE.csv.gz")
-    chgnet = read_predictions(SHARED / "2023-12-21-chgnet-0.3.0-wbm-IS2RE.csv.gz")
-    mock = read_predictions(SHARED / "mock-wbm-energy-preds.csv.gz")
+def main(argv=None):
+    import argparse
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("MATKIT_DISCOVERY_DATA", DEFAULT_DATA)),
+                        help="folder with the prediction files (default $MATKIT_DISCOVERY_DATA, else "
+                             "../shared/data/matbench_discovery next to the repository)")
+    args = parser.parse_args(argv)
+    data = args.data
+    mace = read_predictions(data / "2023-12-11-mace-mp-0-wbm-IS2RE-FIRE.csv.gz")
+    chgnet = read_predictions(data / "2023-12-21-chgnet-0.3.0-wbm-IS2RE.csv.gz")
+    mock = read_predictions(data / "mock-wbm-energy-preds.csv.gz")
     both = mace.index.intersection(chgnet.index)
     diff = (mace.loc[both] - chgnet.loc[both]).to_numpy()
     summary = {

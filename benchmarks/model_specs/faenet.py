@@ -1,7 +1,9 @@
 """FAENet (full 8-frame averaging, package-default sizes) against mace-torch's small-sized MACE (the issue's peer)."""
+import os
+
 MODEL = "faenet"
 PEER = "mace-torch 0.3.16 MACE small-like (random weights)"
-PEER_PYTHON = "/work/peers/mace/bin/python"
+PEER_PYTHON = os.environ.get("MATKIT_MACE_PYTHON")  # mace-torch venv, see model_specs/README.md
 
 
 def ours_hparams():

@@ -5,9 +5,11 @@ correlation 3, 2 interactions, r_max 6 Å, 10 Bessel functions, p = 5, radial ML
 readout MLP 16, avg_num_neighbors 61.96 (the settings of the peer-benchmarks anchor, 3.36 s E+F+S on Si512
 single-threaded). The peer is wrapped in mace's own ``MACECalculator`` (which always computes the stress).
 """
+import os
+
 MODEL = "gaunt_mace"
 PEER = "mace-torch 0.3.16 ScaleShiftMACE, MP-0 small shape (128x0e, max_ell 3, corr 3, 2 layers, 6 Å)"
-PEER_PYTHON = "/work/peers/mace/bin/python"
+PEER_PYTHON = os.environ.get("MATKIT_MACE_PYTHON")  # mace-torch venv, see model_specs/README.md
 
 CUTOFF = 6.0
 NUM_CHANNELS = 128

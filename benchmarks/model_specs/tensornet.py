@@ -5,9 +5,11 @@ random weights. The peer has no stress (TMDNETCalculator implements energy and f
 ``atoms.info["charge"]`` (the runner sets 0) and builds a minimum-image neighbour list inside the model
 (cutoff must stay below half the box: fine for all benchmark systems).
 """
+import os
+
 MODEL = "tensornet"
 PEER = "torchmd-net 3.1.0 TensorNet (warp CPU kernels, random weights)"
-PEER_PYTHON = "/work/peers/tmd/bin/python"
+PEER_PYTHON = os.environ.get("MATKIT_TMD_PYTHON")  # torchmd-net venv, see model_specs/README.md
 
 HPARAMS = dict(hidden_channels=128, num_layers=2, num_rbf=32, cutoff=5.0, cutoff_lower=0.0, group="O(3)",
                activation="silu")
