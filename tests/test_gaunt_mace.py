@@ -15,10 +15,9 @@ from sympy.physics.wigner import wigner_3j
 
 import matkit
 from matkit.graph import atoms_to_graph
-from matkit.nn.envelopes import PolynomialEnvelope
+from matkit.nn.radial import BesselBasis, PolynomialEnvelope
 from matkit.nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, NeighbourSlots, S2Grid, gaunt_product,
                                    grid_size_for_degree, sphere_grid, spherical_harmonics)
-from matkit.nn.radial_bessel import BesselBasis
 from model_harness import SPECIES, ModelHarness, periodic_structure
 
 

@@ -28,7 +28,7 @@ class TestTensorNetMatglVariant(ModelHarness):
 def test_smooth_bessel_basis_is_orthonormal_and_vanishes_smoothly_at_the_cutoff():
     """Kocer et al.'s basis: orthonormal on [0, rc] with weight r^2 (trapezoid quadrature), zero value and slope
     at rc, finite at r = 0."""
-    from matkit.nn.radial_bessel import SmoothBesselBasis
+    from matkit.nn.radial import SmoothBesselBasis
 
     basis = SmoothBesselBasis(5.0, 4)
     r = torch.linspace(0.0, 5.0, 100001, dtype=torch.float64)

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from ..graph import graph_batch_vector  # noqa: F401  (kept for API symmetry with other models)
-from ..nn.escn_blocks import EdgeEmbedding, PolynomialEnvelope, SphereGrid, sphere_mlp
+from ..nn.escn_blocks import EdgeEmbedding, SphereGrid, sphere_mlp
+from ..nn.radial import PolynomialEnvelope
 from ..nn.so2 import SO2Convolution, TruncatedLayout
 from ..nn.wigner import WignerD, edge_frame_rotation
 from .base import Potential, register

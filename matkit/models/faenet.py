@@ -32,6 +32,7 @@ from torch import nn
 
 from ..graph import graph_batch_vector, num_graphs
 from ..nn.frame_averaging import FrameSet, compute_frames
+from ..nn.radial import GaussianBasis, PolynomialEnvelope
 from ..nn.workspace import scratch_buffers
 from .base import Potential, register
 
@@ -55,19 +56,6 @@ def period_and_group(z: int) -> tuple[int, int]:
     if k <= 16:
         return period, 19 if k > 3 else 3
     return period, k - 14
-
-
-def gaussian_rbf(distance: torch.Tensor, cutoff: float, num: int) -> torch.Tensor:
-    centres = torch.linspace(0.0, cutoff, num, dtype=distance.dtype, device=distance.device)
-    width = cutoff / (num - 1)
-    return torch.exp(-0.5 * ((distance[..., None] - centres) / width) ** 2)
-
-
-def polynomial_envelope(distance: torch.Tensor, cutoff: float, p: int = 5) -> torch.Tensor:
-    """MACE/DimeNet polynomial envelope: 1 at 0, zero value and first two derivatives at the cutoff."""
-    x = (distance / cutoff).clamp(max=1.0)
-    env = (1.0 - (p + 1) * (p + 2) / 2 * x ** p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2))
-    return env * (distance < cutoff)
 
 
 def _edge_chunk(channels: int) -> int:
@@ -207,6 +195,7 @@ class FAENet(Potential):
         self.group_embedding = nn.Embedding(20, pg_dim)
         self.node_mlp = nn.Linear(hidden + 2 * pg_dim, hidden)
         self.edge_vec = nn.Linear(3, filters // 2)
+        self.rbf, self.envelope = GaussianBasis(cutoff, num_gaussians), PolynomialEnvelope(cutoff, 5)
         self.edge_rbf = nn.Linear(num_gaussians, filters - filters // 2)
         self.edge_mlp = nn.Linear(filters, filters)
         self.interactions = nn.ModuleList(Interaction(hidden, filters) for _ in range(num_interactions))
@@ -237,7 +226,7 @@ class FAENet(Potential):
         changes with the frame and this distance term (plus bias) that does not, so it is computed once for all
         frames.
         """
-        radial = torch.nn.functional.silu(self.edge_rbf(gaussian_rbf(distance, self.cutoff, self.num_gaussians)))
+        radial = torch.nn.functional.silu(self.edge_rbf(self.rbf(distance)))
         half = self.edge_vec.out_features
         return torch.nn.functional.linear(radial, self.edge_mlp.weight[:, half:], self.edge_mlp.bias)
 
@@ -251,7 +240,7 @@ class FAENet(Potential):
     def edge_invariants(self, edge_vec):
         """Frame-independent edge quantities, computed once per call: (radial term (E, filters), envelope (E,))."""
         distance = edge_vec.norm(dim=-1) if edge_vec.shape[0] else edge_vec.new_zeros(0)
-        return self.radial_edge_term(distance), polynomial_envelope(distance, self.cutoff)
+        return self.radial_edge_term(distance), self.envelope(distance)
 
     def node_features(self, graph, species, edge_vec, frames, invariants=None):
         """Per-frame, per-layer node features: list of (K, N, hidden)."""

@@ -44,10 +44,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn.envelopes import PolynomialEnvelope
+from ..nn.radial import BesselBasis, PolynomialEnvelope
 from ..nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, IrrepsLinear, NeighbourSlots, ScaledSiLU,
                               SpeciesIrrepsLinear, spherical_harmonics)
-from ..nn.radial_bessel import BesselBasis
 from .base import Potential, register
 
 __all__ = ["GauntMACE"]

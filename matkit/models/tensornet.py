@@ -40,8 +40,7 @@ import torch
 from torch import nn
 
 from ..graph import graph_batch_vector
-from ..nn.radial_bessel import SmoothBesselBasis
-from ..nn.radial_expnorm import ExpNormalBasis, cosine_cutoff
+from ..nn.radial import ExpNormalBasis, SmoothBesselBasis, cosine_cutoff
 from ..nn.tensornet_blocks import (compose_matrix, decompose_matrix, geometric_messages, matmul_per_channel,
                                    mix_parts, neighbour_messages, reverse_pair_groups, squared_norms,
                                    total_squared_norm, traceless_outer_components)
@@ -194,7 +193,7 @@ class TensorNet(Potential):
     output_hidden_layers : extra hidden (F/2 -> F/2) layers of the output MLP (torchmd-net ``output_mlp_num_layers``;
         ``readout="mlp"`` only).
     radial_basis : "expnorm" (torchmd-net; includes a cosine cutoff) or "smooth_bessel" (matgl:
-        :class:`~matkit.nn.radial_bessel.SmoothBesselBasis` with ``num_rbf`` functions, matgl's ``max_n``).
+        :class:`~matkit.nn.radial.SmoothBesselBasis` with ``num_rbf`` functions, matgl's ``max_n``).
     self_loops : every atom also messages itself at d = 0 (torchmd-net: True; matgl: False).
     readout : "mlp" (torchmd-net: ``act(linear)`` then F -> F/2 -> 1) or "gated" (matgl: ``linear`` then the gated
         MLP F -> F -> F -> F -> 1 of :class:`GatedMLP`).

@@ -1,4 +1,4 @@
-"""eSCN building blocks: S^2 quadrature grids, radial basis and envelope, edge embedding.
+"""eSCN building blocks: S^2 quadrature grids, edge embedding (radial basis from :mod:`matkit.nn.radial`).
 
 Spherical-harmonic coefficients use e3nn real harmonics with ``normalization="component"`` (each ``Y_lm`` has
 mean square 1 over the sphere, ``Y_00 = 1``), l-major, polar axis +y.
@@ -10,7 +10,9 @@ import torch
 from e3nn import o3
 from torch import nn
 
-__all__ = ["SphereGrid", "GaussianBasis", "PolynomialEnvelope", "EdgeEmbedding", "sphere_mlp"]
+from .radial import GaussianBasis
+
+__all__ = ["SphereGrid", "EdgeEmbedding", "sphere_mlp"]
 
 
 class SphereGrid(nn.Module):
@@ -66,39 +68,6 @@ class SphereGrid(nn.Module):
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average over the sphere of values (B, P, C) -> (B, C)."""
         return torch.einsum("p,bpc->bc", self.weights.to(values.dtype), values)
-
-
-class GaussianBasis(nn.Module):
-    """``num`` Gaussians exp(-(d - mu_k)^2 / (2 s^2)) with centres evenly spaced on [0, cutoff], s = width * spacing."""
-
-    def __init__(self, cutoff: float, num: int, width: float = 1.0):
-        super().__init__()
-        centres = torch.linspace(0.0, cutoff, num, dtype=torch.float64)
-        self.register_buffer("centres", centres, persistent=False)
-        self.coeff = -0.5 / (width * cutoff / (num - 1)) ** 2
-        #: 1 / sqrt(sum_k G_k(d)^2) for d inside the range (sum of squares ~ sqrt(pi) * width)
-        self.norm_factor = float((np.sqrt(np.pi) * width) ** -0.5)
-
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
-        """(E,) Å -> (E, num)."""
-        return torch.exp(self.coeff * (d[:, None] - self.centres.to(d.dtype)) ** 2)
-
-
-class PolynomialEnvelope(nn.Module):
-    """DimeNet envelope ``u(x) = 1 - (p+1)(p+2)/2 x^p + p(p+2) x^(p+1) - p(p+1)/2 x^(p+2)``, x = d / cutoff.
-
-    u(0) = 1 and u, u', u'' vanish at the cutoff (value and first two derivatives continuous); zero beyond.
-    """
-
-    def __init__(self, cutoff: float, exponent: int = 5):
-        super().__init__()
-        self.cutoff, self.p = float(cutoff), int(exponent)
-
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
-        p = self.p
-        x = d / self.cutoff
-        u = 1 - (p + 1) * (p + 2) / 2 * x ** p + p * (p + 2) * x ** (p + 1) - p * (p + 1) / 2 * x ** (p + 2)
-        return torch.where(x < 1, u, torch.zeros_like(u))
 
 
 class EdgeEmbedding(nn.Module):
