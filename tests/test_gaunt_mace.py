@@ -16,8 +16,8 @@ from sympy.physics.wigner import wigner_3j
 import matkit
 from matkit.graph import atoms_to_graph
 from matkit.nn.radial import BesselBasis, PolynomialEnvelope
-from matkit.nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, NeighbourSlots, S2Grid, gaunt_product,
-                                   grid_size_for_degree, sphere_grid, spherical_harmonics)
+from matkit.nn.mace_blocks import GauntInteraction, GauntManyBodyProduct, NeighbourSlots, gaunt_product
+from matkit.nn.sphere_grid import SphereGrid, grid_size_for_degree, sphere_points, spherical_harmonics
 from model_harness import SPECIES, ModelHarness, periodic_structure
 
 
@@ -62,16 +62,16 @@ def e3nn_gaunt_product(x, y, lmax_x, lmax_y, lmax_out):
 
 
 def test_grid_projection_inverts_evaluation():
-    grid = S2Grid(3, 3, 6)
+    grid = SphereGrid(3, 3, degree=6)
     eye = grid.from_grid_matrix(torch.float64) @ grid.to_grid_matrix(torch.float64)
     np.testing.assert_allclose(eye.numpy(), np.eye(16), atol=1e-13)
     # one degree too few and the quadrature is no longer exact for l = 3 x l = 3
     with pytest.raises(ValueError, match="grid degree"):
-        S2Grid(3, 3, 5)
+        SphereGrid(3, 3, degree=5)
     for degree, exact in [(5, False), (6, True)]:
-        points, weights = sphere_grid(*grid_size_for_degree(degree))
-        y = spherical_harmonics(3, torch.as_tensor(points)).numpy()
-        gram = (y * weights[:, None]).T @ y / (4 * np.pi)
+        points, weights = sphere_points(*grid_size_for_degree(degree))
+        y = spherical_harmonics(3, points).numpy()
+        gram = (y * weights.numpy()[:, None]).T @ y
         assert (np.abs(gram - np.eye(16)).max() < 1e-13) == exact
 
 
@@ -146,7 +146,7 @@ def test_many_body_product_equals_repeated_two_body_products(lmax_in, lmax_out, 
 
 
 def test_mace_blocks_grid_agrees_with_gaunt_module():
-    """The dense-matrix S2Grid product used in the messages equals matkit.nn.gaunt.GauntTensorProduct."""
+    """The dense-matrix SphereGrid product used in the messages equals matkit.nn.gaunt.GauntTensorProduct."""
     from matkit.nn.gaunt import GauntTensorProduct
 
     torch.manual_seed(6)

@@ -17,9 +17,9 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..graph import edge_vectors, graph_batch_vector, num_graphs
+from ..nn.precision import KeepsFloat64
 
 registry: Dict[str, type] = {}
 
@@ -45,7 +45,7 @@ def _element_symbol(z: int) -> str:
     return chemical_symbols[z] if 0 <= z < len(chemical_symbols) else f"Z={z}"
 
 
-class Potential(nn.Module):
+class Potential(KeepsFloat64):
     """Base class of all matkit potentials.
 
     Parameters
@@ -97,15 +97,8 @@ class Potential(nn.Module):
         self.register_buffer("scale", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("shift", torch.tensor(0.0, dtype=torch.float64))
 
+    #: reference energies, scale and shift stay float64 when the model is cast (energies accumulate in float64)
     _FLOAT64_BUFFERS = ("atomic_reference_energies", "scale", "shift")
-
-    def _apply(self, fn, *args, **kwargs):
-        """Like ``nn.Module._apply`` but reference energies, scale and shift stay float64 (only move device)."""
-        keep = {name: self._buffers[name] for name in self._FLOAT64_BUFFERS if name in self._buffers}
-        super()._apply(fn, *args, **kwargs)
-        for name, buf in keep.items():
-            self._buffers[name] = buf.to(device=fn(buf).device)
-        return self
 
     @property
     def num_species(self) -> int:

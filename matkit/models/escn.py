@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from ..graph import graph_batch_vector  # noqa: F401  (kept for API symmetry with other models)
-from ..nn.escn_blocks import EdgeEmbedding, SphereGrid, sphere_mlp
+from ..nn.escn_blocks import EdgeEmbedding, sphere_mlp
 from ..nn.radial import PolynomialEnvelope
+from ..nn.sphere_grid import SphereGrid
 from ..nn.so2 import SO2Convolution, TruncatedLayout
 from ..nn.wigner import WignerD, edge_frame_rotation
 from .base import Potential, register
@@ -65,7 +66,7 @@ class MessageBlock(nn.Module):
         super().__init__()
         self.edge_embedding = EdgeEmbedding(num_species, cutoff, num_radial, edge_channels, basis_width)
         self.so2 = SO2Convolution(lmax, mmax, 2 * channels, channels, hidden, edge_channels, chiral)
-        self.grid = SphereGrid(lmax, edge_grid[0], edge_grid[1], kept=kept)
+        self.grid = SphereGrid(lmax, resolution=edge_grid, kept=kept)
 
     def forward(self, x_source, x_target, distance, species_source, species_target):
         """Edge-frame coefficients (E, K_t, C) of both ends -> message (E, K_t, C) in the edge frame."""
@@ -130,7 +131,7 @@ class ESCN(Potential):
         self.wigner = WignerD(lmax)
         self.envelope = PolynomialEnvelope(cutoff, envelope_exponent)
         self.embedding = nn.Embedding(self.num_species, sphere_channels)
-        self.node_grid = SphereGrid(lmax, node_grid[0], node_grid[1])
+        self.node_grid = SphereGrid(lmax, resolution=node_grid)
         self.messages = nn.ModuleList([
             MessageBlock(self.num_species, cutoff, lmax, mmax, sphere_channels, hidden_channels, edge_channels,
                          num_radial, basis_width, chiral, edge_grid, layout.kept) for _ in range(num_layers)])

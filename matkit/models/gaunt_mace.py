@@ -44,9 +44,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn.radial import BesselBasis, PolynomialEnvelope
 from ..nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, IrrepsLinear, NeighbourSlots, ScaledSiLU,
-                              SpeciesIrrepsLinear, spherical_harmonics)
+                              SpeciesIrrepsLinear)
+from ..nn.radial import BesselBasis, PolynomialEnvelope
+from ..nn.sphere_grid import spherical_harmonics
 from .base import Potential, register
 
 __all__ = ["GauntMACE"]

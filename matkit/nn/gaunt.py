@@ -44,12 +44,11 @@ import math
 
 import numpy as np
 import torch
-from e3nn import o3
+
+from .sphere_grid import degree_of_coefficient, grid_size_for_degree, spherical_harmonics
 
 __all__ = [
     "gaunt_coefficients",
-    "gauss_legendre_grid_size",
-    "sh_degree_index",
     "scale_degrees",
     "SphericalGrid",
     "FourierSphere",
@@ -78,11 +77,6 @@ def _sphere_points(beta: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """e3nn's parametrisation x(β, α) = (sin β sin α, cos β, sin β cos α); shape (len(beta), len(alpha), 3)."""
     b, a = torch.meshgrid(beta, alpha, indexing="ij")
     return torch.stack([torch.sin(b) * torch.sin(a), torch.cos(b), torch.sin(b) * torch.cos(a)], dim=-1)
-
-
-def _e3nn_sh(lmax: int, points: torch.Tensor) -> torch.Tensor:
-    """e3nn real SH, component normalisation, degrees 0..lmax; shape (*points.shape[:-1], (lmax+1)^2)."""
-    return o3.spherical_harmonics(list(range(lmax + 1)), points, normalize=True, normalization="component")
 
 
 def _real_fourier_basis(kmax: int, alpha: torch.Tensor) -> torch.Tensor:
@@ -117,7 +111,7 @@ def _alpha_coefficients(lmax: int, beta: torch.Tensor) -> torch.Tensor:
     """
     n_alpha = 2 * lmax + 2
     alpha = 2 * math.pi * torch.arange(n_alpha, dtype=torch.float64) / n_alpha
-    values = _e3nn_sh(lmax, _sphere_points(beta, alpha))  # (nβ, nα, nlm)
+    values = spherical_harmonics(lmax, _sphere_points(beta, alpha))  # (nβ, nα, nlm)
     basis = _real_fourier_basis(lmax, alpha)  # (nb, nα)
     norms = (basis**2).sum(dim=1)  # n_alpha for b = 0, n_alpha / 2 otherwise (exact orthogonality)
     return torch.einsum("gal,ba->lgb", values, basis) / norms
@@ -168,12 +162,6 @@ def _padded_layout(lmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     return gather, scatter
 
 
-def sh_degree_index(lmax: int) -> torch.Tensor:
-    """Degree l of every component of a (lmax+1)^2 feature, e.g. [0, 1, 1, 1, 2, ...]; int64."""
-    lmax = _check_degree("lmax", lmax)
-    return torch.repeat_interleave(torch.arange(lmax + 1), 2 * torch.arange(lmax + 1) + 1)
-
-
 def scale_degrees(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Multiply every degree-l block of ``x`` (..., (L+1)^2) by ``weights[..., l]`` (..., L+1).
 
@@ -185,18 +173,12 @@ def scale_degrees(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"last dimension of x must be (L+1)^2, got {x.shape[-1]}")
     if weights.shape[-1] != lmax + 1:
         raise ValueError(f"weights must have L+1 = {lmax + 1} entries in the last dimension, got {weights.shape}")
-    return x * weights[..., sh_degree_index(lmax).to(weights.device)]
+    return x * weights[..., degree_of_coefficient(lmax).to(weights.device)]
 
 
 # --------------------------------------------------------------------------------------------------------
 # Gaunt coefficients
 # --------------------------------------------------------------------------------------------------------
-
-
-def gauss_legendre_grid_size(degree: int) -> tuple[int, int]:
-    """(n_beta, n_alpha) of a Gauss-Legendre x uniform grid integrating polynomials of ``degree`` exactly."""
-    degree = _check_degree("degree", degree)
-    return degree // 2 + 1, degree + 1
 
 
 def _gauss_legendre_beta(n_beta: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,11 +189,11 @@ def _gauss_legendre_beta(n_beta: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @functools.lru_cache(maxsize=None)
 def _gaunt_coefficients_cached(l1: int, l2: int, l3: int) -> torch.Tensor:
-    n_beta, n_alpha = gauss_legendre_grid_size(l1 + l2 + l3)
+    n_beta, n_alpha = grid_size_for_degree(l1 + l2 + l3)
     beta, w_beta = _gauss_legendre_beta(n_beta)
     alpha = 2 * math.pi * torch.arange(n_alpha, dtype=torch.float64) / n_alpha
     weights = (w_beta[:, None] * (2 * math.pi / n_alpha)).expand(n_beta, n_alpha).reshape(-1)
-    y = _e3nn_sh(max(l1, l2, l3), _sphere_points(beta, alpha)).reshape(n_beta * n_alpha, -1)
+    y = spherical_harmonics(max(l1, l2, l3), _sphere_points(beta, alpha)).reshape(n_beta * n_alpha, -1)
     y1, y2, y3 = y[:, : _num_sh(l1)], y[:, : _num_sh(l2)], y[:, : _num_sh(l3)]
     return torch.einsum("g,gi,gj,gk->ijk", weights, y1, y2, y3)
 
@@ -309,7 +291,7 @@ class SphericalGrid(_Transform):
         if degree < self.lmax_in + self.lmax_out:
             raise ValueError(f"degree {degree} is too small to project degree {lmax_in} onto degree {lmax_out}")
         self.degree = degree
-        self.n_beta, self.n_alpha = gauss_legendre_grid_size(degree)
+        self.n_beta, self.n_alpha = grid_size_for_degree(degree)
         w_beta = _gauss_legendre_beta(self.n_beta)[1]
         alpha = 2 * math.pi * torch.arange(self.n_alpha, dtype=torch.float64) / self.n_alpha
 

@@ -9,21 +9,21 @@ Gaunt tensor product (Luo, Chen & Krishnapriyan 2024): the product of two such f
 spherical harmonics, ``(x ⊗_G y)_{l3 m3} = (1/4pi) ∫ f_x f_y Y_{l3 m3} dOmega``. It is a Clebsch-Gordan product
 whose path weights are fixed to the Gaunt coefficients, so paths with odd ``l1 + l2 + l3`` vanish. It is computed
 here on an S^2 grid (Gauss-Legendre in cos(beta) x uniform in alpha) built from e3nn's own spherical harmonics;
-with enough points (see :func:`grid_size_for_degree`) the quadrature is exact, hence so is the equivariance.
+with enough points (see :func:`matkit.nn.sphere_grid.grid_size_for_degree`) the quadrature is exact, hence so is
+the equivariance.
 """
 from __future__ import annotations
 
 import math
 from typing import List, Sequence
 
-import numpy as np
 import torch
-from e3nn import o3
 from torch import nn
 
 from .gaunt import GauntPower
+from .sphere_grid import SphereGrid, degree_of_coefficient, spherical_harmonics
 
-__all__ = ["S2Grid", "grid_size_for_degree", "degree_of_coefficient", "gaunt_product",
+__all__ = ["gaunt_product",
            "IrrepsLinear", "SpeciesIrrepsLinear", "RadialMLP", "NeighbourSlots", "GauntManyBodyProduct", "GauntInteraction",
            "ScaledSiLU"]
 
@@ -32,98 +32,14 @@ def num_coefficients(lmax: int) -> int:
     return (lmax + 1) ** 2
 
 
-def degree_of_coefficient(lmax: int) -> torch.Tensor:
-    """(K,) int64: the degree l of each of the ``(lmax+1)^2`` coefficients."""
-    return torch.cat([torch.full((2 * l + 1,), l, dtype=torch.long) for l in range(lmax + 1)])
-
-
-def grid_size_for_degree(degree: int) -> tuple:
-    """(n_beta, n_alpha) of the smallest Gauss-Legendre x uniform grid integrating degree-``degree`` polynomials
-    on the sphere exactly: ``2 n_beta - 1 >= degree`` and ``n_alpha >= degree + 1``."""
-    return (degree + 2) // 2, degree + 1
-
-
-def sphere_grid(n_beta: int, n_alpha: int) -> tuple:
-    """Points (G, 3) and quadrature weights (G,) summing to 4 pi, as float64 numpy arrays."""
-    cos_beta, w_beta = np.polynomial.legendre.leggauss(n_beta)
-    alpha = 2 * np.pi * np.arange(n_alpha) / n_alpha
-    sin_beta = np.sqrt(1.0 - cos_beta ** 2)
-    points = np.stack([np.outer(sin_beta, np.cos(alpha)), np.outer(sin_beta, np.sin(alpha)),
-                       np.outer(cos_beta, np.ones(n_alpha))], axis=-1).reshape(-1, 3)
-    weights = np.outer(w_beta, np.full(n_alpha, 2 * np.pi / n_alpha)).reshape(-1)
-    return points, weights
-
-
-def spherical_harmonics(lmax: int, vectors: torch.Tensor) -> torch.Tensor:
-    """e3nn real SH of unit-normalised ``vectors`` (..., 3), component normalisation -> (..., (lmax+1)^2)."""
-    return o3.spherical_harmonics(list(range(lmax + 1)), vectors, normalize=True, normalization="component")
-
-
-class S2Grid(nn.Module):
-    """Spherical-harmonic <-> grid transforms on a quadrature grid exact for integrands up to ``degree``.
-
-    ``to_grid`` (G, K_in): values ``Y_lm(x_g)`` for l <= lmax_in; ``from_grid`` (K_out, G):
-    ``w_g Y_lm(x_g) / 4 pi`` for l <= lmax_out, so that ``from_grid @ to_grid = identity`` whenever
-    ``degree >= lmax_in + lmax_out``. Projecting the product of functions of degrees L1, L2 onto degree
-    <= L_out is exact when ``degree >= L1 + L2 + L_out``.
-    """
-
-    def __init__(self, lmax_in: int, lmax_out: int, degree: int):
-        super().__init__()
-        if degree < lmax_in + lmax_out:
-            raise ValueError(f"grid degree {degree} < lmax_in + lmax_out = {lmax_in + lmax_out}")
-        self.lmax_in, self.lmax_out, self.degree = lmax_in, lmax_out, degree
-        self.n_beta, self.n_alpha = grid_size_for_degree(degree)
-        points, weights = sphere_grid(self.n_beta, self.n_alpha)
-        points = torch.as_tensor(points)
-        weights = torch.as_tensor(weights)
-        y_in = spherical_harmonics(lmax_in, points)  # (G, K_in)
-        y_out = spherical_harmonics(lmax_out, points)  # (G, K_out)
-        # float64 masters (kept float64 by _apply, only moved between devices), cast to the input's dtype on use
-        self.register_buffer("to_grid64", y_in.contiguous(), persistent=False)
-        self.register_buffer("from_grid64", (y_out * weights[:, None] / (4 * math.pi)).T.contiguous(),
-                             persistent=False)
-
-    def _apply(self, fn, *args, **kwargs):
-        keep = {name: self._buffers[name] for name in ("to_grid64", "from_grid64")}
-        super()._apply(fn, *args, **kwargs)
-        for name, buf in keep.items():
-            self._buffers[name] = buf.to(device=fn(buf).device)
-        return self
-
-    def to_grid_matrix(self, dtype: torch.dtype) -> torch.Tensor:
-        """(G, K_in) values of the SH at the grid points."""
-        return self.to_grid64 if dtype == torch.float64 else self.to_grid64.to(dtype)
-
-    def from_grid_matrix(self, dtype: torch.dtype) -> torch.Tensor:
-        """(K_out, G) quadrature projection onto the SH."""
-        return self.from_grid64 if dtype == torch.float64 else self.from_grid64.to(dtype)
-
-    @property
-    def num_points(self) -> int:
-        return self.n_beta * self.n_alpha
-
-    def to_grid_values(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., K_in, C) coefficients -> (..., G, C) function values on the grid."""
-        return torch.matmul(self.to_grid_matrix(x.dtype), x)
-
-    def from_grid_values(self, f: torch.Tensor) -> torch.Tensor:
-        """(..., G, C) grid values -> (..., K_out, C) coefficients (degrees <= lmax_out)."""
-        return torch.matmul(self.from_grid_matrix(f.dtype), f)
-
-    def extra_repr(self) -> str:
-        return (f"lmax_in={self.lmax_in}, lmax_out={self.lmax_out}, degree={self.degree}, "
-                f"grid={self.n_beta}x{self.n_alpha}")
-
-
 def gaunt_product(x: torch.Tensor, y: torch.Tensor, lmax_x: int, lmax_y: int, lmax_out: int) -> torch.Tensor:
     """Channel-wise Gaunt tensor product of (..., K_x, C) and (..., K_y, C) -> (..., K_out, C), on an exact grid.
 
-    Functional convenience (builds the grid on each call); modules cache an :class:`S2Grid` instead.
+    Functional convenience (builds the grid on each call); modules cache a :class:`SphereGrid` instead.
     """
-    grid_x = S2Grid(lmax_x, lmax_out, lmax_x + lmax_y + lmax_out).to(x.device)
-    grid_y = S2Grid(lmax_y, lmax_out, lmax_x + lmax_y + lmax_out).to(x.device)
-    return grid_x.from_grid_values(grid_x.to_grid_values(x) * grid_y.to_grid_values(y))
+    grid_x = SphereGrid(lmax_x, lmax_out, degree=lmax_x + lmax_y + lmax_out).to(x.device)
+    grid_y = SphereGrid(lmax_y, lmax_out, degree=lmax_x + lmax_y + lmax_out).to(x.device)
+    return grid_x.from_grid(grid_x.to_grid(x) * grid_y.to_grid(y))
 
 
 class ScaledSiLU(nn.Module):
@@ -292,8 +208,8 @@ class GauntInteraction(nn.Module):
         self.linear = IrrepsLinear(num_channels, num_channels, lmax_a)
         if lmax_h > 0:
             degree = lmax_h + max_ell + lmax_a
-            self.grid_h = S2Grid(lmax_h, lmax_a, degree)
-            self.grid_y = S2Grid(max_ell, lmax_a, degree)
+            self.grid_h = SphereGrid(lmax_h, lmax_a, degree=degree)
+            self.grid_y = SphereGrid(max_ell, lmax_a, degree=degree)
 
     def scalar_message(self, h_up, r2, slots: "NeighbourSlots"):
         """MACE message for scalar node features: A[i, lm, c] = sum_{e into i} h_j[c] R2[e, l, c] Y_lm(e).
@@ -326,7 +242,7 @@ class GauntInteraction(nn.Module):
         y_edge = torch.matmul(y_blocks.transpose(1, 2), r2)  # (E, G, L_Y+1) @ (E, L_Y+1, C)
         product = h_edge * y_edge
         summed = product.new_zeros(h_up.shape[0], grid_h.num_points, self.num_channels).index_add(0, dst, product)
-        return grid_h.from_grid_values(summed)
+        return grid_h.from_grid(summed)
 
     def shared_y_grid_message(self, h_up, r1, r2, slots: "NeighbourSlots"):
         """Gaunt message with Y weights shared by all channels (``channelwise_y_weights=False``).
@@ -347,7 +263,7 @@ class GauntInteraction(nn.Module):
         weighted = (r1[:, :, degree_h] * h_neighbour).view(n, m, k_h * self.num_channels)
         summed = torch.matmul(y_grid.transpose(1, 2), weighted).view(n, self.grid_h.num_points, k_h, self.num_channels)
         summed = (summed * to_grid_h.unsqueeze(-1)).sum(dim=2)  # (N, G, C)
-        return self.grid_h.from_grid_values(summed)
+        return self.grid_h.from_grid(summed)
 
     def forward(self, h, edge_radial, edge_sh, slots: "NeighbourSlots"):
         """h (N, K_h, C), edge_radial (E, num_radial), edge_sh (E, K_Y) -> A (N, (lmax_a+1)^2, C)."""
