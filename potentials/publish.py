@@ -15,6 +15,9 @@ section.
 To add ``--test`` to a potential whose run folder is gone, copy its ``model.pt`` to ``RUN/best.pt`` and pass
 ``--run RUN``: the card keeps the training sentence it states (the run log is what it comes from otherwise).
 
+``--upgrade-checkpoint`` only re-saves ``potentials/NAME/model.pt`` in the current checkpoint format (format
+version 2 adds a checksum) and checks that weights, hyperparameters, metadata and every other entry are unchanged.
+
 ``--refit-references`` re-solves the per-element reference energies by least squares on the trained model's
 residuals over the training split before publishing (``matkit.training.stats.refit_reference_energies``): for
 data of one composition the energy zero drifts in long force-dominated training; forces and stress do not change.
@@ -82,7 +85,13 @@ def main(argv=None) -> int:
                         help="refit the reference energies on the training split's residuals (forces unchanged)")
     parser.add_argument("--test", action="append", default=[], metavar="DATASET",
                         help="also evaluate on this labelled dataset (never used in training); repeatable")
+    parser.add_argument("--upgrade-checkpoint", action="store_true",
+                        help="only re-save potentials/NAME/model.pt in the current checkpoint format (adds the "
+                             "checksum); weights and metadata stay bit-identical")
     args = parser.parse_args(argv)
+    if args.upgrade_checkpoint:
+        upgrade_checkpoint(ROOT / "potentials" / args.name / "model.pt")
+        return 0
 
     import matkit
 
@@ -160,6 +169,8 @@ def main(argv=None) -> int:
     def err(key):
         return in_milli(errors.get(key))
 
+    split_sentence = describe_split((meta.get("config") or {}).get("data") or {})
+
     card = f"""# {args.name}
 
 A `{payload['model']}` potential trained with matkit on `{dataset}`.
@@ -175,7 +186,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | species | {', '.join(matkit_symbols(species))} |
 | cutoff | {model.cutoff} Å |
 | training data | `{dataset}`: {source} |
-| split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: a seeded random 10 % validation split held out of training (seed 0). No separate test split exists for this data, so these are validation errors, not test errors. |
+| split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: {split_sentence}. No separate test split exists for this data, so these are validation errors, not test errors. |
 | energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)}{refit_note} |
 | training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}){stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall} |
 | forces / stress | conservative: autograd of the energy (positions and a symmetric strain) |
@@ -228,6 +239,17 @@ def finished_sentence(run, folder) -> str:
     return match.group(0) if match else ""
 
 
+def describe_split(data: dict) -> str:
+    """How the validation split of a run was made, from its recorded ``data`` configuration (the seed and fraction
+    the run used, not assumed ones)."""
+    if data.get("val"):
+        return f"validation on the separate file `{data['val']}`"
+    fraction, seed = data.get("val_fraction"), data.get("seed")
+    if fraction is None or seed is None:
+        return "a seeded random validation split held out of training (seed and fraction not recorded)"
+    return f"a seeded random {100 * fraction:g} % validation split held out of training (seed {seed})"
+
+
 def in_milli(value) -> str:
     """An error in eV-based units as a card cell in meV-based units (two decimals), or "n/a" when missing."""
     return "n/a" if value is None or not np.isfinite(value) else f"{value * 1000:.2f}"
@@ -250,6 +272,50 @@ def refit_and_save(model, meta, dataset_path, out) -> str:
     shifts = ", ".join(f"{s} {1000 * d:+.2f} meV" for s, d in zip(matkit_symbols(model.species), delta))
     return (f" (refitted after training by least squares on the model's residuals over the training split: {shifts}; "
             "this moves only the energy zero, forces and stress are unchanged)")
+
+
+def _identical(a, b) -> bool:
+    """Deep equality of checkpoint entries; tensors must match in dtype, shape and every bit."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and torch.equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_identical(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def upgrade_checkpoint(path) -> None:
+    """Re-save the checkpoint ``path`` in the current format (with its checksum), every entry kept as stored.
+
+    The stored entries are written back through :func:`matkit.checkpoint.write_payload` (what
+    :func:`matkit.save_checkpoint` writes with) rather than from a rebuilt model: a rebuilt model would store the
+    defaults of hyperparameters added since (``readout``, ...) and up-cast some constant buffers to float64. The
+    file is replaced only if every entry but ``format_version`` and the checksum reads back identical (tensors bit
+    for bit, same dtype) and the rebuilt model's weights are identical too."""
+    import os
+
+    from matkit.checkpoint import CHECKSUM_KEY, load_checkpoint, read_checkpoint, write_payload
+
+    path = Path(path)
+    before = read_checkpoint(path)
+    new = path.with_name(path.name + ".new")
+    write_payload(before, new)
+    after = read_checkpoint(new)
+    ignored = ("format_version", CHECKSUM_KEY)
+    changed = [k for k in set(before) | set(after) if k not in ignored
+               and (k not in before or k not in after or not _identical(before[k], after[k]))]
+    if not _identical(load_checkpoint(path).state_dict(), load_checkpoint(new).state_dict()):
+        changed.append("rebuilt model weights")
+    if changed:
+        new.unlink()
+        raise RuntimeError(f"{path}: re-saving would change {sorted(changed)}; left unchanged")
+    os.replace(new, path)
+    print(f"{path}: format version {before.get('format_version')} -> {after['format_version']}, "
+          f"checksum {after[CHECKSUM_KEY][:16]}...")
 
 
 def evaluate_test_sets(folder, datasets, train_dataset) -> str:

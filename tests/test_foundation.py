@@ -209,7 +209,7 @@ def test_truncated_and_corrupt_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         matkit.load_checkpoint(tmp_path / "trunc.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="junk.pt is not a matkit checkpoint: not a zip archive"):
         matkit.load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="not found"):
         matkit.load_checkpoint(tmp_path / "missing.pt")

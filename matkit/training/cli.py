@@ -5,6 +5,8 @@
     matkit train config.yaml [optim.lr=1e-3 run.out_dir=runs/x ...] [--resume [latest.pt]]
     torchrun --nproc_per_node=4 $(which matkit) train config.yaml      # data-parallel (also srun)
     matkit evaluate runs/x/best.pt datasets/si.h5 [--json errors.json] [--split val] [--per-element]
+
+Errors are one line naming the key or file (:func:`matkit.cli.main`; ``--debug`` shows the traceback).
 """
 from __future__ import annotations
 
@@ -47,25 +49,19 @@ def register(subparsers) -> None:
 
 
 def run_train(args) -> int:
+    """``matkit train``. Problems with the configuration, the data or a checkpoint raise one-line
+    :class:`~matkit.training.config.ConfigError` / :class:`~matkit.checkpoint.CheckpointError` messages naming the
+    key or file; :func:`matkit.cli.main` prints them as one line (the traceback with ``--debug``)."""
     from .config import ConfigError, load_config
     from .trainer import train
 
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"matkit train: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     resume = args.resume
     if resume == "auto":
         resume = str(Path(config.run.out_dir) / "latest.pt")
         if not Path(resume).exists():
-            print(f"matkit train: --resume: {resume} does not exist", file=sys.stderr)
-            return 2
-    try:
-        summary = train(config, resume=resume)
-    except ConfigError as err:
-        print(f"matkit train: {err}", file=sys.stderr)
-        return 2
+            raise ConfigError(f"--resume: {resume} does not exist")
+    summary = train(config, resume=resume)
     best = summary.get("best_val_metrics") or {}
     if best:
         from .evaluate import format_metrics_table

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -200,6 +201,10 @@ class TrainConfig:
             allowed = {"scale": ("rms_forces", "rms_energy", "keep"), "shift": ("mean_energy", "keep")}[key]
             _check(value is None or not isinstance(value, str) or value in allowed, f"model.{key}",
                    f"must be a number or one of {list(allowed)}, got {value!r}")
+        cutoff = self.model.hparams.get("cutoff")
+        _check(cutoff is None or (isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool)
+                                  and math.isfinite(cutoff) and cutoff > 0), "model.hparams.cutoff",
+               f"must be a positive number of Å, got {type(cutoff).__name__} {cutoff!r}")
         refs = self.model.reference_energies
         _check(refs is None or not isinstance(refs, str) or refs in ("fit", "keep"), "model.reference_energies",
                f"must be 'fit', 'keep' or a mapping {{element: eV}}, got {refs!r}")
@@ -328,7 +333,7 @@ def apply_overrides(data: dict, overrides: List[str]) -> dict:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: cannot parse value {raw!r} ({err})") from None
+            raise ConfigError(f"override {item!r}: cannot parse value {raw!r} ({_yaml_problem(err)})") from None
         node = data
         for depth, key in enumerate(keys[:-1]):
             child = node.setdefault(key, {})
@@ -339,15 +344,37 @@ def apply_overrides(data: dict, overrides: List[str]) -> dict:
     return data
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and where (PyYAML's own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(err).split())
+
+
 def load_config(path, overrides: Optional[List[str]] = None) -> TrainConfig:
-    """Read a YAML training configuration, apply dotted overrides and validate it."""
+    """Read a YAML training configuration, apply dotted overrides and validate it. Every problem, including an
+    unreadable, binary or non-UTF-8 file, is a one-line :class:`ConfigError` naming the file or the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"configuration file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the configuration ({err.strerror or err})") from None
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"{path}: not a YAML text file (binary content: NUL byte at offset {nul})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (byte {raw[err.start]:#04x} at offset {err.start} is not "
+                          f"UTF-8)") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a training configuration must be a mapping of sections")

@@ -5,11 +5,17 @@ optional ``stress`` (1, 6) Voigt or (1, 3, 3) eV/Å^3, optional ``has_*`` masks)
 :func:`load_dataset` opens a file: ``.h5``/``.hdf5`` through :class:`matkit.data.HDF5Dataset`; anything ASE
 can read (extxyz, ASE db, traj...) into an in-memory :class:`GraphListDataset` with labels from the attached
 single-point calculator (``energy``, ``forces``, ``stress``).
+
+:func:`dataset_fingerprint` verifies and identifies a dataset file (recorded in checkpoints, checked on resume);
+:func:`scan_labels` finds the frames whose labels the loss ignores (NaN/inf, or none for the weighted terms), so
+that the trainer can say so instead of dropping them silently.
 """
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +24,7 @@ from torch.utils.data import Dataset
 from ..graph import AtomicGraph, atoms_to_graph
 
 __all__ = ["GraphListDataset", "graphs_from_atoms", "load_dataset", "structure_sizes", "dataset_species",
-           "Subset"]
+           "Subset", "dataset_fingerprint", "LabelScan", "scan_labels"]
 
 
 class GraphListDataset(Dataset):
@@ -107,3 +113,98 @@ def dataset_species(dataset, indices: Optional[Sequence[int]] = None) -> List[in
     for i in indices:
         present.update(torch.unique(dataset[int(i)].atomic_numbers).tolist())
     return sorted(int(z) for z in present)
+
+
+def dataset_fingerprint(path) -> str:
+    """sha256 (hex) identifying a dataset file's content. A matkit HDF5 file is verified first
+    (:func:`matkit.data.hdf5.verify_file`: structure, and the stored content hash recomputed; raises on a
+    mismatch) and its content hash is returned; any other file is hashed byte for byte."""
+    path = Path(path)
+    if path.suffix.lower() in (".h5", ".hdf5"):
+        from ..data.hdf5 import verify_file
+
+        return verify_file(str(path))
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+LABELS = ("energy", "forces", "stress")
+
+
+@dataclass
+class LabelScan:
+    """Labels of ``indices`` of a dataset that the loss cannot use. ``non_finite[label]``: frames whose label is
+    marked present but holds NaN/inf (the loss ignores it; for forces, the affected atoms). ``unusable``: frames
+    without a usable label for any positively weighted loss term (they contribute nothing: dropped)."""
+
+    frames: int
+    weighted: List[str]
+    non_finite: Dict[str, List[int]] = field(default_factory=dict)
+    unusable: List[int] = field(default_factory=list)
+
+    def summary(self, dataset=None, examples: int = 4) -> Optional[str]:
+        """One line with the counts and a few frame indices (and ids, when the dataset has them); None when every
+        frame is fully usable."""
+        def some(indices):
+            shown = ", ".join(_frame_name(dataset, i) for i in indices[:examples])
+            return shown + (", ..." if len(indices) > examples else "")
+
+        parts = []
+        bad = sorted({i for frames in self.non_finite.values() for i in frames})
+        if bad:
+            details = "; ".join(f"{label} in {len(frames)} (frames {some(frames)})"
+                                for label, frames in self.non_finite.items() if frames)
+            parts.append(f"{len(bad)} of {self.frames} frames have NaN/inf labels that the loss ignores: {details}")
+        if self.unusable:
+            parts.append(f"{len(self.unusable)} of {self.frames} frames have no usable label for the weighted loss "
+                         f"terms ({', '.join(self.weighted)}) and are dropped (frames {some(self.unusable)})")
+        return "; ".join(parts) or None
+
+
+def _frame_name(dataset, index: int) -> str:
+    name = getattr(dataset[int(index)], "frame_id", None) if dataset is not None else None
+    return f"{index} {name!r}" if name else str(index)
+
+
+def _label_arrays(dataset, index: int) -> Dict[str, Optional[np.ndarray]]:
+    """``{label: values}`` of one frame, None where the label is absent or marked missing (``has_*`` false).
+    Reads raw arrays (no neighbour list) when the dataset offers ``read_arrays`` (:class:`matkit.data.HDF5Dataset`)."""
+    out = {}
+    if hasattr(dataset, "read_arrays"):
+        arrays = dataset.read_arrays(int(index))
+        for label in LABELS:
+            present = bool(arrays.get(f"has_{label}", True)) and arrays.get(label) is not None
+            out[label] = np.asarray(arrays[label], dtype=np.float64) if present else None
+        return out
+    graph = dataset[int(index)]
+    for label in LABELS:
+        value = getattr(graph, label, None)
+        flag = getattr(graph, f"has_{label}", None)
+        present = value is not None and (flag is None or bool(torch.as_tensor(flag).reshape(-1)[0]))
+        out[label] = value.detach().cpu().to(torch.float64).numpy() if present else None
+    return out
+
+
+def scan_labels(dataset, indices: Sequence[int], weights: Dict[str, float]) -> LabelScan:
+    """Find the frames of ``dataset[indices]`` whose labels the loss ignores (see :class:`LabelScan`); ``weights``
+    are the loss weights by label. Reported indices are dataset indices."""
+    weighted = [label for label in LABELS if weights.get(label, 0.0) > 0]
+    scan = LabelScan(len(indices), weighted, {label: [] for label in LABELS})
+    for i in indices:
+        usable = False
+        for label, values in _label_arrays(dataset, i).items():
+            if values is None:
+                continue
+            finite = np.isfinite(values)
+            if not finite.all():
+                scan.non_finite[label].append(int(i))
+            # the loss keeps the finite force rows of a frame; energy and stress must be finite as a whole
+            ok = finite.reshape(len(values), -1).all(axis=1).any() if label == "forces" and values.ndim == 2 \
+                else bool(finite.all())
+            usable = usable or (ok and label in weighted)
+        if not usable:
+            scan.unusable.append(int(i))
+    return scan

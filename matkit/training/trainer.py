@@ -4,16 +4,19 @@ What a run does, in order:
 
 1. distributed set-up (torchrun / SLURM env, :mod:`matkit.training.ddp`), seeds, deterministic mode;
 2. builds the model (or loads ``finetune.from_checkpoint`` and freezes the named parameters);
-3. loads the data and holds out a validation split (logged), fits reference energies / scale / shift on
-   the training split (:mod:`matkit.training.stats`);
+3. loads the data (an HDF5 file's content hash is verified first; the file's sha256 is recorded in the
+   checkpoints), holds out a validation split (logged), reports frames whose labels the loss cannot use (NaN/inf
+   or missing), fits reference energies / scale / shift on the training split (:mod:`matkit.training.stats`);
 4. AdamW + LR schedule + EMA + gradient clipping; force (and stress) losses through
-   ``model.compute(batch, forces=True, stress=..., training=True)`` so that they train the weights;
+   ``model.compute(batch, forces=..., stress=..., training=True)`` so that they train the weights (forces and
+   stress are computed only when their loss weight is positive);
 5. writes ``metrics.csv`` (one row per logged step and per epoch), ``train.log``, ``latest.pt`` (raw weights
    plus the full training state: optimiser, schedule, EMA, RNG states, epoch, step, the epoch's batch order
    and position) and ``best.pt`` (EMA weights with the lowest validation loss), and parity plots at the end.
 
 Resuming from ``latest.pt`` restores everything, so a run stopped at any step and resumed reproduces the
-uninterrupted run bit for bit on CPU with ``run.deterministic: true``.
+uninterrupted run bit for bit on CPU with ``run.deterministic: true``. A resume is refused when the dataset
+(content hash, or path for checkpoints without one) or a seed / split setting differs from the checkpoint's run.
 
 Data parallelism: each optimiser step takes one *global* batch, split over the ranks; every loss is a sum
 over the local structures/atoms divided by the global count, multiplied by the number of ranks because DDP
@@ -43,8 +46,8 @@ from ..allocator import keep_freed_memory
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..models import build, get_class
 from .batching import epoch_batches, flatten_batches, unflatten_batches
-from .config import ConfigError, TrainConfig, config_to_dict
-from .datasets import dataset_species, load_dataset, structure_sizes
+from .config import _YAML11_FLOAT, ConfigError, TrainConfig, config_to_dict
+from .datasets import dataset_fingerprint, dataset_species, load_dataset, scan_labels, structure_sizes
 from .ddp import (all_reduce_sum, barrier, cleanup_distributed, detect_distributed, init_distributed,
                   split_global_batch)
 from .evaluate import collate, prepare_batch, run_inference
@@ -148,6 +151,47 @@ def _model_default_cutoff(name: str) -> Optional[float]:
     return None
 
 
+_SIMPLE_TYPES = {"float": float, "int": int, "bool": bool, "str": str}
+
+
+def check_hparams(name: str, hparams: Dict) -> Dict:
+    """Check the scalar hyperparameters in ``hparams`` against the types of model ``name``'s constructor (from its
+    annotations, else its defaults) so that a wrong value fails here naming ``model.hparams.<key>``, not deep in the
+    model or the data loader. Returns ``hparams`` with YAML 1.1 float strings ("5e-4") converted."""
+    params = inspect.signature(get_class(name).__init__).parameters
+    checked = dict(hparams)
+    for key, value in hparams.items():
+        param = params.get(key)
+        if param is None:
+            continue  # unknown keys: build() names them
+        annotation = param.annotation
+        annotation = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        optional = annotation.startswith("Optional[")
+        annotation = annotation[len("Optional["):-1] if optional else annotation
+        kind = _SIMPLE_TYPES.get(annotation)
+        if kind is None and param.default not in (inspect.Parameter.empty, None):
+            kind = type(param.default) if type(param.default) in (float, int, bool, str) else None
+        if kind is None or (value is None and (optional or param.default is None)):
+            continue
+        where = f"config key 'model.hparams.{key}'"
+        if kind is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = checked[key] = float(value)
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, got {type(value).__name__} {value!r}")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where} must be an integer, got {type(value).__name__} {value!r}")
+        elif kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where} must be true or false, got {type(value).__name__} {value!r}")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {type(value).__name__} {value!r}")
+        if key in ("cutoff", "rc") and value <= 0:
+            raise ConfigError(f"{where} must be > 0 (Å), got {value!r}")
+    return checked
+
+
 class _SimpleProgress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -200,9 +244,15 @@ class Trainer:
         if resume_payload is not None and "training_state" not in resume_payload:
             raise ConfigError(f"--resume {resume}: the checkpoint has no training state (use latest.pt, or "
                               f"finetune.from_checkpoint to start a new run from its weights)")
+        if resume_payload is not None:
+            self._check_resume_settings(resume_payload, resume)
+        self.data_hashes: Dict[str, Optional[str]] = {}
         self.model, self.finetune_payload = self._build_model(train_dataset)
         self.train_full, self.val_full = self._load_datasets(train_dataset, val_dataset)
+        if resume_payload is not None:
+            self._check_resume_data(resume_payload, resume)
         self._split(resume_payload)
+        self._report_labels()
         self.frozen = freeze_parameters(self.model, config.finetune.freeze)
         if self.frozen:
             log.info("frozen parameters (%d): %s", len(self.frozen), ", ".join(self.frozen))
@@ -322,11 +372,11 @@ class Trainer:
             log.info("fine-tuning from %s (%s)", cfg.finetune.from_checkpoint, payload["model"])
             model.train()
             return model, payload
-        hparams = dict(cfg.model.hparams)
         try:
             get_class(cfg.model.name)
         except KeyError as err:
             raise ConfigError(f"config key 'model.name': {err.args[0]}") from None
+        hparams = check_hparams(cfg.model.name, cfg.model.hparams)
         if "species" not in hparams:
             if "cutoff" not in hparams and _model_default_cutoff(cfg.model.name) is None:
                 raise ConfigError("config key 'model.hparams.cutoff' is required for this model")
@@ -339,17 +389,33 @@ class Trainer:
             log.info("model species from the training data: %s", hparams["species"])
         try:
             model = build(cfg.model.name, **hparams)
-        except TypeError as err:
-            raise ConfigError(f"config key 'model.hparams': {err}") from None
+        except (TypeError, ValueError, KeyError) as err:
+            raise ConfigError(f"config key 'model.hparams': {err}") from err
         return model, None
 
     def _open(self, path, key: str, cutoff: float):
+        """Open the dataset file of config key ``key``; its content is verified first (an HDF5 file's stored
+        content hash is recomputed) and its fingerprint kept in ``self.data_hashes`` for the checkpoints. Any
+        failure is a :class:`ConfigError` naming the key and the file."""
         if path is None:
             raise ConfigError(f"config key '{key}' is required (path of the dataset)")
+        if not Path(path).is_file():
+            raise ConfigError(f"config key '{key}': dataset not found: {path}")
+        if key not in self.data_hashes:
+            try:
+                self.data_hashes[key] = dataset_fingerprint(path)
+            except Exception as err:  # noqa: BLE001 - h5py/ase raise many types for a damaged file
+                raise ConfigError(f"config key '{key}': {path} failed verification: {_one_line(err)}") from err
+            log.info("%s: %s, content sha256 %s%s", key, path, self.data_hashes[key][:16],
+                     " (stored content hash verified)" if Path(path).suffix.lower() in (".h5", ".hdf5") else "")
         try:
-            return load_dataset(path, cutoff)
-        except FileNotFoundError as err:
-            raise ConfigError(f"config key '{key}': {err}") from None
+            dataset = load_dataset(path, cutoff)
+        except Exception as err:  # noqa: BLE001
+            raise ConfigError(f"config key '{key}': cannot read {path} ({type(err).__name__}: "
+                              f"{_one_line(err)})") from err
+        if len(dataset) == 0:
+            raise ConfigError(f"config key '{key}': {path} contains no structures")
+        return dataset
 
     def _load_datasets(self, train_dataset, val_dataset):
         cutoff = self.model.cutoff
@@ -380,10 +446,12 @@ class Trainer:
     def _split(self, resume_payload) -> None:
         cfg = self.config.data
         n = len(self.train_full)
+        split_from = "seed"
         if resume_payload is not None:
             state = resume_payload["training_state"]
             self.train_indices = [int(i) for i in state["train_indices"].tolist()]
             self.val_indices = [int(i) for i in state["val_indices"].tolist()]
+            split_from = "restored from the checkpoint, made with seed"  # data.seed is checked to be the same
         elif self.val_full is not None:
             self.train_indices, self.val_indices = list(range(n)), list(range(len(self.val_full)))
         else:
@@ -394,19 +462,89 @@ class Trainer:
                      len(self.val_indices), self.config.data.val or "the given validation dataset")
         else:
             self.val_set = self.train_full
-            log.info("training on %d structures; validation split: %d structures (%.1f%%, seed %d) held out "
+            log.info("training on %d structures; validation split: %d structures (%.1f%%, %s %d) held out "
                      "of the training data and never trained on", len(self.train_indices), len(self.val_indices),
-                     100.0 * len(self.val_indices) / max(n, 1), cfg.seed)
+                     100.0 * len(self.val_indices) / max(n, 1), split_from, cfg.seed)
         if not self.train_indices:
             raise ConfigError("no training structures left after the validation split")
 
+    def _report_labels(self) -> None:
+        """Log one line per split saying how many frames carry NaN/inf labels (ignored by the loss) or no label
+        the weighted loss terms can use (dropped), with a few frame ids; refuse a training split where no frame
+        has a usable label."""
+        weights = {"energy": self.config.loss.energy_weight, "forces": self.config.loss.forces_weight,
+                   "stress": self.config.loss.stress_weight}
+        train_name = self.config.data.train or "the training data"
+        val_name = (self.config.data.val or "the validation data") if self.val_full is not None else train_name
+        for what, dataset, indices in ((f"training split of {train_name}", self.train_full, self.train_indices),
+                                       (f"validation split of {val_name}", self.val_set, self.val_indices)):
+            if not indices:
+                continue
+            scan = scan_labels(dataset, indices, weights)
+            line = scan.summary(dataset)
+            if line:
+                log.warning("%s: %s", what, line)
+            if what.startswith("training") and len(scan.unusable) == len(indices):
+                used = [k for k, w in weights.items() if w > 0]
+                raise ConfigError(f"{what}: none of the {len(indices)} frames has a usable (finite) label for the "
+                                  f"weighted loss terms {used}")
+
+    def _check_resume_settings(self, payload: Dict, path) -> None:
+        """Refuse to resume with a different run.seed (the batch order of later epochs comes from it) or, for a
+        random validation split, a different data.seed / data.val_fraction (the split is restored from the
+        checkpoint, so the new values would be reported but not used)."""
+        old = (payload.get("metadata") or {}).get("config") or {}
+        keys = [("run", "seed")]
+        if not (old.get("data") or {}).get("val") and not self.config.data.val:
+            keys += [("data", "seed"), ("data", "val_fraction")]
+        for section, key in keys:
+            if key not in (old.get(section) or {}):
+                continue
+            before, now = old[section][key], getattr(getattr(self.config, section), key)
+            if before != now:
+                raise ConfigError(f"--resume {path}: config key '{section}.{key}' is {now!r} but the checkpoint's "
+                                  f"run used {before!r}; resume with {section}.{key}={before!r} (or start a new run)")
+
+    def _check_resume_data(self, payload: Dict, path) -> None:
+        """Refuse to resume on other data than the checkpoint's run: a different content hash, or (checkpoints
+        without a hash, in-memory datasets) a different path; and a split that does not fit the dataset."""
+        meta = payload.get("metadata") or {}
+        old_data = (meta.get("config") or {}).get("data") or {}
+        for key, hash_key in (("train", "dataset_sha256"), ("val", "val_dataset_sha256")):
+            before_path, now_path = old_data.get(key), getattr(self.config.data, key)
+            before_hash, now_hash = meta.get(hash_key), self.data_hashes.get(f"data.{key}")
+            if before_hash and now_hash:
+                same = before_hash == now_hash
+            else:
+                same = before_path == now_path or (before_path is not None and now_path is not None
+                                                   and Path(before_path).resolve() == Path(now_path).resolve())
+            if not same:
+                described = [f"{p} (sha256 {h[:16]}...)" if h else str(p) for p, h in
+                             ((now_path, now_hash), (before_path, before_hash))]
+                raise ConfigError(f"--resume {path}: config key 'data.{key}' is {described[0]} but the checkpoint "
+                                  f"was trained on {described[1]}; resume on the same data, or start a new run "
+                                  f"from its weights with finetune.from_checkpoint")
+        state = payload["training_state"]
+        val_size = len(self.val_full) if self.val_full is not None else len(self.train_full)
+        for name, size in (("train_indices", len(self.train_full)), ("val_indices", val_size)):
+            indices = state[name]
+            if indices.numel() and int(indices.max()) >= size:
+                raise ConfigError(f"--resume {path}: the checkpoint's split refers to structure {int(indices.max())} "
+                                  f"but the dataset has {size}: not the data the run was trained on")
+
     def _fit_output_transform(self) -> None:
         refs_setting, scale_setting, shift_setting = self.config.model.resolved(self.finetune_payload is not None)
-        stats = collect_statistics(self.train_full, self.train_indices, self.model.species)
-        current = self.model.atomic_reference_energies.detach().cpu().numpy()
-        refs = resolve_reference_energies(refs_setting, self.model.species, stats, current)
-        scale, shift = resolve_scale_shift(scale_setting, shift_setting, stats, refs,
-                                           float(self.model.scale), float(self.model.shift))
+        try:  # the data or the settings do not fit the model (unknown elements, no energy labels, bad names)
+            stats = collect_statistics(self.train_full, self.train_indices, self.model.species)
+            current = self.model.atomic_reference_energies.detach().cpu().numpy()
+            refs = resolve_reference_energies(refs_setting, self.model.species, stats, current)
+            scale, shift = resolve_scale_shift(scale_setting, shift_setting, stats, refs,
+                                               float(self.model.scale), float(self.model.shift))
+        except (ValueError, KeyError) as err:
+            message = _one_line(err).strip("'\"")
+            where = "" if message.startswith("config key") else \
+                f"training split of {self.config.data.train or 'the training data'}: "
+            raise ConfigError(where + message) from err
         with torch.no_grad():
             self.model.atomic_reference_energies.copy_(torch.as_tensor(refs, dtype=torch.float64))
             self.model.scale.fill_(scale)
@@ -462,10 +600,12 @@ class Trainer:
         """Forward, loss, backward, clip, AdamW step and EMA update on this rank's part of a global batch
         (``padding``: the part is a stand-in whose labels are all masked)."""
         self.model.train()
+        # forces/stress only when their loss uses them: a gradient taken without create_graph would free the
+        # graph that the energy loss still needs (energy-only training)
+        need_forces = self.weights["forces"] > 0
         need_stress = self.weights["stress"] > 0
-        need_grad_graph = self.weights["forces"] > 0 or need_stress
         lr = self.schedule.apply(self.step)
-        pred = self.ddp_model(batch, forces=True, stress=need_stress, training=need_grad_graph)
+        pred = self.ddp_model(batch, forces=need_forces, stress=need_stress, training=need_forces or need_stress)
         targets = batch_targets(batch)
         if padding:
             for name in ("energy_mask", "forces_mask", "stress_mask"):
@@ -622,7 +762,8 @@ class Trainer:
         return {"matkit_version": matkit.__version__, "torch_version": str(torch.__version__),
                 "config": config_to_dict(self.config), "epoch": self.epoch, "step": self.step,
                 "train_structures": len(self.train_indices), "val_structures": len(self.val_indices),
-                "dataset": self.config.data.train, **extra}
+                "dataset": self.config.data.train, "dataset_sha256": self.data_hashes.get("data.train"),
+                "val_dataset_sha256": self.data_hashes.get("data.val"), **extra}
 
     def training_state(self) -> Dict:
         """Everything needed to continue exactly (tensors and plain containers only)."""
@@ -796,6 +937,11 @@ class Trainer:
         paths = write_parity_plots(result.predictions.arrays(), self.out_dir, "validation split")
         log.info("parity plots (validation split, best model): %s", ", ".join(map(str, paths)))
         return paths
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as one line: its message with whitespace collapsed (its type when the message is empty)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 class _nullcontext:
