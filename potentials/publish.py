@@ -117,9 +117,10 @@ def main(argv=None) -> int:
 
     errors_path = folder / "val_errors.json"
     plots = [] if reuse_plots else ["--plots", str(folder)]
-    subprocess.run([sys.executable, "-m", "matkit.cli", "evaluate", str(folder / "model.pt"), str(ROOT / dataset),
-                    "--split", "val", "--dtype", "float64", "--json", str(errors_path), "--no-progress", *plots],
-                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    # repository-relative paths (run from the repository root), so the card's JSON names no machine's folders
+    subprocess.run([sys.executable, "-m", "matkit.cli", "evaluate", str((folder / "model.pt").relative_to(ROOT)),
+                    str(dataset), "--split", "val", "--dtype", "float64", "--json", str(errors_path), "--no-progress",
+                    *plots], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     errors = json.loads(errors_path.read_text())["metrics"]
     test_section = evaluate_test_sets(folder, args.test, dataset)
 

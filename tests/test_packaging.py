@@ -56,3 +56,22 @@ def test_wheel_runs_the_demo_outside_the_checkout(installed_wheel):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "tensornet-matpes-pbe" in out.stdout and "drift" in out.stdout
     assert (installed_wheel / "demo" / "demo_nve.png").is_file()
+
+
+def test_no_machine_paths_in_the_repository():
+    """Inputs come from the repository, a CLI argument or an environment variable, never a folder of one machine."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    prefixes = tuple("/" + p + "/" for p in ("work", "home", "root", "Users", "tmp/pytest"))
+    offenders = []
+    for name in files:
+        path = ROOT / name
+        if not path.is_file() or path.stat().st_size > 2_000_000:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue  # binary files (weights, plots, HDF5)
+        offenders += [f"{name}: {line.strip()[:80]}" for line in text.splitlines()
+                      if any(f'"{p}' in line or f"'{p}" in line or f" {p}" in line or f"={p}" in line
+                             for p in prefixes)]
+    assert not offenders, offenders[:10]

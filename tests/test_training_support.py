@@ -5,8 +5,9 @@ atom, then a nonlinear readout) registered here only to exercise the trainer; th
 ``matkit/models``. The tests in this file check that it is a valid conservative potential, so the trainer
 tests build on something correct.
 
-The data are the mlearn Si training cells (VASP PBE; /work/shared/data/mlearn_elemental, BSD-3), read into
-``ase.Atoms`` with energies, forces and ASE-convention stresses.
+The data are the mlearn Si training cells (VASP PBE, BSD-3; ``mlearn_elemental/Si/training.json`` of the raw public
+data in ``$MATKIT_SHARED_DATA``, default ``../shared/data`` next to the repository), read into ``ase.Atoms`` with
+energies, forces and ASE-convention stresses.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from torch import nn
 from matkit.graph import atoms_to_graph, graph_batch_vector
 from matkit.models.base import Potential, register, registry
 
-MLEARN_SI = Path(os.environ.get("MATKIT_SHARED_DATA", "/work/shared/data")) / "mlearn_elemental/Si/training.json"
+MLEARN_SI = (Path(os.environ.get("MATKIT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+             / "mlearn_elemental" / "Si" / "training.json")
 KBAR_TO_EV_A3 = 0.1 / 160.21766208
 
 
