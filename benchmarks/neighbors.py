@@ -22,12 +22,51 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
 
-from matkit.neighbors import batched_neighbor_list, compile_time, neighbor_list  # noqa: E402
+from matkit.neighbors import batched_neighbor_list, neighbor_list  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_COMPILE_PROBE = """
+import time, numpy as np
+t0 = time.perf_counter()
+from matkit.neighbors import neighbor_list, batched_neighbor_list, VerletNeighborList
+t1, c1 = time.perf_counter(), time.process_time()
+pos = np.array([[0.0, 0.0, 0.0], [1.0, 1.1, 0.9]]); cell = np.eye(3) * 3.0
+neighbor_list(pos, cell, [True, True, True], 2.5)
+batched_neighbor_list(pos, cell[None], [True, False, True], np.array([0, 2]), 2.5)
+VerletNeighborList(2.0, 0.5).update(pos, cell, [True, True, True])
+print(t1 - t0, time.perf_counter() - t1, time.process_time() - c1)
+"""
+
+
+def compile_time() -> dict:
+    """First-call cost of the Numba kernels, measured in fresh Python processes.
+
+    Returns ``{"compile_s": s, "compile_cpu_s": s, "cached_s": s, "import_s": s}``: wall and CPU time of the first
+    calls of ``neighbor_list``, ``batched_neighbor_list`` and ``VerletNeighborList.update`` with an empty Numba cache
+    (full JIT compilation), then the wall time of the same calls in a second process that loads the kernels from that
+    cache (``cache=True``), and the import time of the module (with the matkit package).
+    """
+    repo = str(ROOT)
+    with tempfile.TemporaryDirectory() as cache_dir:
+        python_path = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=python_path)
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True,
+                                 check=True)
+            runs.append([float(x) for x in out.stdout.split()])
+    return {"compile_s": runs[0][1], "compile_cpu_s": runs[0][2], "cached_s": runs[1][1], "import_s": runs[1][0]}
+
 
 TRICLINIC_CELL = np.array([[2.9, 0.0, 0.0], [0.9, 2.7, 0.0], [0.6, 0.8, 3.1]])
 

@@ -55,7 +55,10 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from matkit.calculator import MatkitCalculator, time_energy_forces
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from timing import time_energy_forces
+
+    from matkit.calculator import MatkitCalculator
     from matkit.potentials import checkpoint_path
 
     torch.set_num_threads(1)

@@ -1,9 +1,6 @@
 """ASE calculator for matkit potentials."""
 from __future__ import annotations
 
-import time
-from typing import Optional
-
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -12,7 +9,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from .graph import AtomicGraph, centred_positions, check_atoms, check_pair_distances
 from .neighbors import VerletNeighborList
 
-__all__ = ["MatkitCalculator", "time_energy_forces"]
+__all__ = ["MatkitCalculator"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -95,21 +92,3 @@ class MatkitCalculator(Calculator):
         if want_stress:
             stress = out["stress"][0].detach().cpu().numpy().astype(np.float64)
             self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
-
-
-def time_energy_forces(calc: Calculator, atoms, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall time (s) of one energy+forces call of ``calc`` on a copy of ``atoms``.
-
-    Every call follows a 1 mÅ random displacement (as in MD, so nothing is cached); the first ``warmup`` calls
-    (compilation, allocator warm-up) are not counted. Set the thread count before calling.
-    """
-    atoms = atoms.copy()
-    atoms.calc = calc
-    rng = np.random.default_rng(0)
-    times = []
-    for _ in range(warmup + repeats):
-        atoms.positions += 0.001 * rng.normal(size=atoms.positions.shape)
-        start = time.perf_counter()
-        atoms.get_forces()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[warmup:]))

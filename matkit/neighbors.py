@@ -11,8 +11,6 @@ Public API
     Many structures in one call (one Numba loop, no per-structure Python overhead); see its docstring.
 ``VerletNeighborList(cutoff, skin).update(positions, cell, pbc) -> (i, j, S)``
     Verlet-skin list for MD; ``n_builds`` counts the cell-list builds.
-``compile_time()``
-    First-call (JIT compile) and cache-load times of the kernels, measured in fresh subprocesses.
 
 Algorithm (one structure)
 -------------------------
@@ -57,15 +55,11 @@ Cost: O(N) bins and candidates for a fixed density and cutoff, plus O(k) per row
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 from numba import njit
 
-__all__ = ["neighbor_list", "batched_neighbor_list", "VerletNeighborList", "compile_time"]
+__all__ = ["neighbor_list", "batched_neighbor_list", "VerletNeighborList"]
 
 LARGE_SYSTEM = 2000
 """From this many atoms per call, the output buffers are allocated by numpy from a pair-count estimate."""
@@ -1053,36 +1047,3 @@ class VerletNeighborList:
         out_i, out_j, out_s = np.empty_like(i), np.empty_like(j), np.empty_like(S)  # numpy: cheap page faults
         n = _filter_pairs(positions, cell, i, j, S, self.cutoff, out_i, out_j, out_s)
         return out_i[:n], out_j[:n], out_s[:n]
-
-
-_COMPILE_PROBE = """
-import time, numpy as np
-t0 = time.perf_counter()
-from matkit.neighbors import neighbor_list, batched_neighbor_list, VerletNeighborList
-t1, c1 = time.perf_counter(), time.process_time()
-pos = np.array([[0.0, 0.0, 0.0], [1.0, 1.1, 0.9]]); cell = np.eye(3) * 3.0
-neighbor_list(pos, cell, [True, True, True], 2.5)
-batched_neighbor_list(pos, cell[None], [True, False, True], np.array([0, 2]), 2.5)
-VerletNeighborList(2.0, 0.5).update(pos, cell, [True, True, True])
-print(t1 - t0, time.perf_counter() - t1, time.process_time() - c1)
-"""
-
-
-def compile_time() -> dict:
-    """First-call cost of the Numba kernels, measured in fresh Python processes.
-
-    Returns ``{"compile_s": s, "compile_cpu_s": s, "cached_s": s, "import_s": s}``: wall and CPU time of the first
-    calls of ``neighbor_list``, ``batched_neighbor_list`` and ``VerletNeighborList.update`` with an empty Numba cache
-    (full JIT compilation), then the wall time of the same calls in a second process that loads the kernels from that
-    cache (``cache=True``), and the import time of the module (with the matkit package).
-    """
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with tempfile.TemporaryDirectory() as cache_dir:
-        python_path = repo + os.pathsep + os.environ.get("PYTHONPATH", "")
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=python_path)
-        runs = []
-        for _ in range(2):
-            out = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True, text=True,
-                                 check=True)
-            runs.append([float(x) for x in out.stdout.split()])
-    return {"compile_s": runs[0][1], "compile_cpu_s": runs[0][2], "cached_s": runs[1][1], "import_s": runs[1][0]}

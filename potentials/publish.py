@@ -136,7 +136,10 @@ def main(argv=None) -> int:
         label = f"{len(atoms)}-atom molecule from the dataset"
     import torch
 
-    from matkit.calculator import MatkitCalculator, time_energy_forces
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from timing import time_energy_forces
+
+    from matkit.calculator import MatkitCalculator
 
     torch.set_num_threads(1)
     t32 = time_energy_forces(MatkitCalculator(model, dtype="float32"), atoms)

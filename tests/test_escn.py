@@ -11,7 +11,7 @@ import matkit
 import matkit.models.escn as escn_module
 from matkit.graph import atoms_to_graph
 from matkit.nn.so2 import SO2Convolution, TruncatedLayout
-from matkit.nn.so2_reference import (cg_path_weights, e3nn_so3_convolution, edge_path_weights, from_e3nn_layout,
+from so2_reference import (cg_path_weights, e3nn_so3_convolution, edge_path_weights, from_e3nn_layout,
                                      path_weight_map, so3_paths, spherical_harmonics, to_e3nn_layout)
 from matkit.nn.wigner import WignerD, edge_frame_rotation
 from model_harness import SPECIES, ModelHarness, molecule, periodic_structure, random_rotation
@@ -94,7 +94,7 @@ def test_frame_gradients_are_finite_at_the_poles():
 
 
 # ---- SO(2) convolution == SO(3) Clebsch-Gordan convolution -------------------------------------------------
-# the reference builders are shared with benchmarks/so2_convolution.py (matkit/nn/so2_reference.py)
+# the reference builders are shared with benchmarks/so2_convolution.py (tests/so2_reference.py)
 @pytest.mark.parametrize("lmax,mmax,chiral", [(1, 1, True), (2, 1, True), (3, 2, False), (4, 2, True),
                                               (6, 2, True), (6, 6, True)])
 def test_so2_convolution_equals_cg_so3_convolution(lmax, mmax, chiral):
@@ -150,7 +150,7 @@ def test_per_edge_path_weights_match_the_least_squares_solution():
 def test_spherical_harmonics_beyond_e3nn_degree_limit():
     """Degrees 13..16 (e3nn stops at 12) by recursion: component norm, Y(+y) = sqrt(2l+1) delta_m0, equivariant;
     the same recursion from degree 4 reproduces e3nn's degrees 5..12."""
-    import matkit.nn.so2_reference as reference
+    import so2_reference as reference
 
     v = torch.randn(10, 3, dtype=F64)
     sh = spherical_harmonics(16, v)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from e3nn import o3
 
-from .so2 import TruncatedLayout
+from matkit.nn.so2 import TruncatedLayout
 
 __all__ = ["so2_target_map", "cg_path_weights", "path_weight_map", "edge_path_weights", "so3_paths",
            "e3nn_so3_convolution", "spherical_harmonics", "to_e3nn_layout", "from_e3nn_layout"]
