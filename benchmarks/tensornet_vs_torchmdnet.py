@@ -134,7 +134,7 @@ def compare(workdir: Path, spec: dict, fixture: Path | None = None) -> dict:
         model = load_torchmdnet_tensornet(workdir / "model.ckpt", species=SPECIES, dtype=dtype).eval()
         for name, numbers, positions, cell, pbc in spec["structures"]:
             atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
-            out = model.compute(atoms_to_graph(atoms, model.cutoff, dtype=dtype), forces=True)
+            out = model(atoms_to_graph(atoms, model.cutoff, dtype=dtype), forces=True)
             ref = reference[f"{name}/{precision}"]
             e_ref, f_ref = float(ref["energy"]), ref["forces"].numpy()
             e, f = float(out["energy"][0].detach()), out["forces"].detach().double().numpy()

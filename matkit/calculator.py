@@ -83,7 +83,7 @@ class MatkitCalculator(Calculator):
             edge_index=torch.stack([torch.as_tensor(j), torch.as_tensor(i)]).to(self.device),
             shifts=torch.as_tensor(S, dtype=self.dtype, device=self.device),
         )
-        out = self.model.compute(graph, forces=True, stress=want_stress)
+        out = self.model(graph, forces=True, stress=want_stress)
         energy = float(out["energy"][0].detach())
         self.results["energy"] = energy
         self.results["free_energy"] = energy

@@ -76,7 +76,7 @@ class ModelHarness:
     def evaluate(self, model, atoms, dtype, stress=None):
         stress = atoms.pbc.all() if stress is None else stress
         graph = atoms_to_graph(atoms, model.cutoff, dtype=dtype)
-        out = model.compute(graph, forces=True, stress=stress)
+        out = model(graph, forces=True, stress=stress)
         return {k: v.detach().double().numpy() for k, v in out.items()}
 
     def atol(self, dtype, scale=1.0):
@@ -196,7 +196,7 @@ class ModelHarness:
         model = self.make_model(dtype)
         structures = [periodic_structure(0), molecule(1), periodic_structure(5).repeat((1, 2, 1))]
         graphs = [atoms_to_graph(a, model.cutoff, dtype=dtype) for a in structures]
-        out = model.compute(batch_graphs(graphs), forces=True, stress=False)
+        out = model(batch_graphs(graphs), forces=True, stress=False)
         forces = np.split(out["forces"].detach().double().numpy(), np.cumsum([len(a) for a in structures])[:-1])
         for k, atoms in enumerate(structures):
             ref = self.evaluate(model, atoms, dtype, stress=False)

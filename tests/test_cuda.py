@@ -44,7 +44,7 @@ def _batch(dtype):
 
 def _predict(model, graph, training: bool):
     model.train(training)
-    out = model.compute(graph, forces=True, stress=True, training=training)
+    out = model(graph, forces=True, stress=True, training=training)
     return {k: v.detach().double().cpu().numpy() for k, v in out.items()}
 
 
@@ -79,8 +79,8 @@ def test_model_on_cuda_molecule_and_isolated_atom(name):
     lone = Atoms("O", positions=[[0.0, 0.0, 0.0]])
     graph = batch_graphs([atoms_to_graph(molecule(1), 4.0, dtype=torch.float64),
                           atoms_to_graph(lone, 4.0, dtype=torch.float64)])
-    want = model.compute(graph, forces=True)
-    got = model.to("cuda").compute(graph.to("cuda"), forces=True)
+    want = model(graph, forces=True)
+    got = model.to("cuda")(graph.to("cuda"), forces=True)
     got, want = ({k: v.detach().cpu().numpy() for k, v in out.items()} for out in (got, want))
     np.testing.assert_allclose(got["energy"], want["energy"], rtol=1e-10)
     np.testing.assert_allclose(got["forces"], want["forces"], atol=1e-10)
@@ -119,7 +119,7 @@ def test_training_on_cuda_gives_a_checkpoint_the_cpu_reproduces(tmp_path):
     model = load_checkpoint(tmp_path / "best.pt")
     assert next(model.parameters()).device.type == "cpu"
     graph = batch_graphs(mlearn_si_graphs(3, cutoff=4.0, dtype=torch.float64))
-    cpu = model.double().compute(graph, forces=True, stress=True)
-    gpu = model.to("cuda").compute(graph.to("cuda"), forces=True, stress=True)
+    cpu = model.double()(graph, forces=True, stress=True)
+    gpu = model.to("cuda")(graph.to("cuda"), forces=True, stress=True)
     np.testing.assert_allclose(gpu["energy"].detach().cpu().numpy(), cpu["energy"].detach().numpy(), rtol=1e-10)
     np.testing.assert_allclose(gpu["forces"].detach().cpu().numpy(), cpu["forces"].detach().numpy(), atol=1e-9)

@@ -192,7 +192,7 @@ class TestESCN(ModelHarness):
 
 def rotation_error(model, atoms, rot):
     def evaluate(a):
-        out = model.compute(atoms_to_graph(a, model.cutoff, dtype=F64), forces=True)
+        out = model(atoms_to_graph(a, model.cutoff, dtype=F64), forces=True)
         return out["energy"].item(), out["forces"].detach().numpy()
 
     e, f = evaluate(atoms)
@@ -246,7 +246,7 @@ def make_model(**kw):
 
 
 def energy_and_forces(model, atoms):
-    out = model.compute(atoms_to_graph(atoms, model.cutoff, dtype=F64), forces=True)
+    out = model(atoms_to_graph(atoms, model.cutoff, dtype=F64), forces=True)
     return out["energy"].item(), out["forces"].detach().numpy()
 
 

@@ -56,11 +56,11 @@ def test_energy_exactly_invariant_to_rewrapping_and_origin():
     torch.manual_seed(0)
     model = matkit.build("faenet", species=SPECIES, cutoff=4.0, **SMALL).double().eval()
     atoms = periodic_structure(1)
-    ref = model.compute(atoms_to_graph(atoms, 4.0, dtype=torch.float64), stress=True)
+    ref = model(atoms_to_graph(atoms, 4.0, dtype=torch.float64), stress=True)
     moved = atoms.copy()
     moved.positions += [1.7, -0.4, 9.1]
     moved.wrap()
-    out = model.compute(atoms_to_graph(moved, 4.0, dtype=torch.float64), stress=True)
+    out = model(atoms_to_graph(moved, 4.0, dtype=torch.float64), stress=True)
     assert abs(out["energy"] - ref["energy"]).item() < 1e-10
     assert (out["forces"] - ref["forces"]).abs().max() < 1e-10
 
@@ -70,7 +70,7 @@ def test_degenerate_structures_are_flagged_and_forces_stay_finite():
     assert _frames(cubic, cutoff=4.0).degenerate.all()
     torch.manual_seed(0)
     model = matkit.build("faenet", species=SPECIES, cutoff=4.0, **SMALL).double().eval()
-    out = model.compute(atoms_to_graph(cubic, 4.0, dtype=torch.float64), stress=True)
+    out = model(atoms_to_graph(cubic, 4.0, dtype=torch.float64), stress=True)
     assert torch.isfinite(out["forces"]).all() and torch.isfinite(out["stress"]).all()
 
 
@@ -89,9 +89,9 @@ def test_stochastic_frames_average_to_full_frame_averaging():
     model = matkit.build("faenet", species=SPECIES, cutoff=4.0, **SMALL).double()
     graph = atoms_to_graph(periodic_structure(3), 4.0, dtype=torch.float64)
     model.eval()
-    full = model.compute(graph, forces=False)["energy"].item()
+    full = model(graph, forces=False)["energy"].item()
     model.train()
-    draws = np.array([model.compute(graph, forces=False)["energy"].item() for _ in range(400)])
+    draws = np.array([model(graph, forces=False)["energy"].item() for _ in range(400)])
     per_frame_std = draws.std()
     assert per_frame_std > 0  # single frames really differ
     assert abs(draws.mean() - full) < 4 * per_frame_std / np.sqrt(len(draws))
@@ -109,12 +109,12 @@ def test_fused_messages_equal_plain_autograd_ops():
     chunk = faenet_module._edge_chunk
     faenet_module._edge_chunk = lambda channels: 16
     try:
-        fused = model.compute(graph, forces=True, stress=True)
+        fused = model(graph, forces=True, stress=True)
     finally:
         faenet_module._edge_chunk = chunk
     for layer in model.interactions:
         layer.train()  # plain path; the frames stay the deterministic full set (model itself in eval mode)
-    plain = model.compute(graph, forces=True, stress=True)
+    plain = model(graph, forces=True, stress=True)
     assert graph.edge_index.shape[1] > 3 * 16  # several chunks of 16 edges
     for key in ("energy", "forces", "stress"):
         np.testing.assert_allclose(fused[key].detach().numpy(), plain[key].detach().numpy(), rtol=1e-12, atol=1e-12)
@@ -143,12 +143,12 @@ def test_fused_messages_are_thread_safe():
     model = matkit.build("faenet", species=SPECIES, cutoff=4.0, **SMALL).double().eval()
     model.scale.fill_(1000.0)
     graphs = [atoms_to_graph(periodic_structure(seed), 4.0, dtype=torch.float64) for seed in (5, 6)]
-    expected = [model.compute(g)["forces"] for g in graphs]
+    expected = [model(g)["forces"] for g in graphs]
     results = {}
 
     def work(k):
         for _ in range(4):
-            results.setdefault(k, []).append(model.compute(graphs[k])["forces"])
+            results.setdefault(k, []).append(model(graphs[k])["forces"])
 
     threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
     for t in threads:

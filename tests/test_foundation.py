@@ -71,11 +71,11 @@ def test_batched_lj_equals_single():
     for s in structures:
         s.rattle(0.05, seed=1)
     graphs = [atoms_to_graph(s, model.cutoff, dtype=torch.float64) for s in structures]
-    out = model.compute(batch_graphs(graphs), forces=True)
+    out = model(batch_graphs(graphs), forces=True)
     for k, g in enumerate(graphs):
-        ref = model.compute(g, forces=True)
+        ref = model(g, forces=True)
         assert abs(out["energy"][k].item() - ref["energy"][0].item()) < 1e-12
-    forces = torch.cat([model.compute(g)["forces"] for g in graphs])
+    forces = torch.cat([model(g)["forces"] for g in graphs])
     assert torch.allclose(out["forces"], forces, atol=1e-12)
 
 

@@ -215,7 +215,7 @@ def test_force_loss_backward_matches_finite_difference_of_parameter():
     target = torch.randn(graph.num_nodes, 3, dtype=torch.float64)
 
     def loss_value():
-        out = model.compute(graph, forces=True, stress=True, training=True)
+        out = model(graph, forces=True, stress=True, training=True)
         return (out["forces"] - target).pow(2).sum() + 1e3 * out["stress"].pow(2).sum() + out["energy"].sum()
 
     loss = loss_value()
@@ -246,7 +246,7 @@ def test_bad_hyperparameters_are_rejected():
 def test_default_model_runs_on_silicon():
     model = matkit.build("gaunt_mace", species=[14], num_channels=16)
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
-    out = model.compute(atoms_to_graph(atoms, model.cutoff), forces=True, stress=True)
+    out = model(atoms_to_graph(atoms, model.cutoff), forces=True, stress=True)
     assert out["forces"].dtype == torch.float32 and torch.isfinite(out["stress"]).all()
     assert model.hparams["hidden_lmax"] == 2 and model.hparams["max_ell"] == 3
 

@@ -97,7 +97,7 @@ def _evaluate_structures(model, data, dtype=torch.float64):
     for s in data["structures"]:
         atoms = Atoms(numbers=s["numbers"].numpy(), positions=s["positions"].numpy(), cell=s["cell"].numpy(),
                       pbc=s["pbc"].numpy())
-        out = model.compute(atoms_to_graph(atoms, model.cutoff, dtype=dtype), forces=True)
+        out = model(atoms_to_graph(atoms, model.cutoff, dtype=dtype), forces=True)
         yield s["name"], float(out["energy"][0].detach()), out["forces"].detach().double().numpy()
 
 
@@ -158,8 +158,8 @@ def test_fused_messages_match_autograd_path_and_training_double_backward():
     torch.manual_seed(1)
     model = matkit.build("tensornet", species=[1, 6, 8, 14], cutoff=4.0, hidden_channels=8, num_rbf=6).double()
     graph = atoms_to_graph(periodic_structure(seed=3), model.cutoff, dtype=torch.float64)
-    fused = model.eval().compute(graph, forces=True, stress=True)
-    plain = model.train().compute(graph, forces=True, stress=True, training=True)
+    fused = model.eval()(graph, forces=True, stress=True)
+    plain = model.train()(graph, forces=True, stress=True, training=True)
     for key in ("energy", "forces", "stress"):
         np.testing.assert_allclose(fused[key].detach().numpy(), plain[key].detach().numpy(), rtol=0, atol=1e-12)
     loss = (plain["forces"] ** 2).sum() + plain["stress"].pow(2).sum()

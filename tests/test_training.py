@@ -136,7 +136,7 @@ def test_force_loss_gradient_trains_the_weights():
     weights = {"energy": 0.0, "forces": 1.0, "stress": 0.0}
 
     def force_loss():
-        return loss_terms(model.compute(batch, forces=True, training=True), targets, counts, weights)["total"]
+        return loss_terms(model(batch, forces=True, training=True), targets, counts, weights)["total"]
 
     loss = force_loss()
     loss.backward()
@@ -421,7 +421,7 @@ def test_stress_loss_on_crystals_batched_with_a_molecule_has_finite_gradients():
     mol.has_stress = torch.tensor([False])
     batch = batch_graphs([crystal, mol])
     targets = batch_targets(batch)
-    pred = model.compute(batch, forces=True, stress=True, training=True)
+    pred = model(batch, forces=True, stress=True, training=True)
     assert torch.isnan(pred["stress"][1]).all() and torch.isfinite(pred["stress"][0]).all()
     loss = loss_terms(pred, targets, loss_counts(targets), {"energy": 1.0, "forces": 1.0, "stress": 1.0})["total"]
     loss.backward()

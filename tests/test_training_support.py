@@ -142,9 +142,9 @@ def test_pair_mlp_forces_and_stress_match_finite_differences():
     atoms = mlearn_si_atoms(1)[0]
     atoms.rattle(0.05, seed=1)
     graph = atoms_to_graph(atoms, 3.5, dtype=torch.float64)
-    out = model.compute(graph, forces=True, stress=True)
+    out = model(graph, forces=True, stress=True)
     def energy(a):
-        return float(model.compute(atoms_to_graph(a, 3.5, dtype=torch.float64), forces=False)["energy"].detach())
+        return float(model(atoms_to_graph(a, 3.5, dtype=torch.float64), forces=False)["energy"].detach())
 
     h = 1e-5
     for atom, axis in [(0, 0), (5, 2), (17, 1)]:
@@ -173,6 +173,6 @@ def test_pair_mlp_energy_is_smooth_at_cutoff():
     e = []
     for d in (3.0 - 1e-7, 3.0 + 1e-7):
         g = atoms_to_graph(Atoms("Si2", positions=[[0, 0, 0], [d, 0, 0]]), 3.0, dtype=torch.float64)
-        e.append(float(model.compute(g, forces=False)["energy"]))
+        e.append(float(model(g, forces=False)["energy"]))
     assert abs(e[0] - e[1]) < 1e-9
     assert graph_batch_vector(g).shape == (2,)

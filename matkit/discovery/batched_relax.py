@@ -362,7 +362,7 @@ class BatchedRelaxer:
         batch = Batch(pos=positions.to(self.dtype), atomic_numbers=pool.numbers, cell=cells.to(self.dtype),
                       pbc=torch.as_tensor(pool.pbc, device=self.device), edge_index=torch.stack([src, dst])[:, inside],
                       shifts=pool.edge_shift[inside].to(self.dtype), batch=seg, ptr=ptr)
-        out = self.model.compute(batch, forces=True, stress=self.settings.relax_cell)
+        out = self.model(batch, forces=True, stress=self.settings.relax_cell)
         self.n_model_calls += 1
         energy = out["energy"].detach().to(torch.float64)
         forces = out["forces"].detach().to(torch.float64)

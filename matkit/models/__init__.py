@@ -1,30 +1,29 @@
 """Potentials registered by name: ``matkit.models.build("tensornet", **hparams)``.
 
-A model module registers its class with ``@register("name")``; the modules below are imported on first use
-of the registry so that ``build`` and ``available`` see every model.
+A model module in this package registers its class with ``@register("name")``; every module here is imported on
+first use of the registry (no list to keep up to date), so ``build`` and ``available`` see every model. Adding a
+model: one file ``matkit/models/<name>.py``, one decorator, one harness subclass in ``tests/`` (see the README).
 """
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from .base import Potential, register, registry
 
 __all__ = ["Potential", "register", "build", "available", "get_class"]
 
-_MODEL_MODULES = ["lj", "tensornet", "escn", "faenet", "gaunt_mace"]
 _imported = False
 
 
 def _import_models() -> None:
+    """Import every module of this package once (each registers its model)."""
     global _imported
     if _imported:
         return
-    for name in _MODEL_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as err:  # the module itself is absent; a missing dependency must still raise
-            if err.name != f"{__name__}.{name}":
-                raise
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
     _imported = True
 
 

@@ -6,7 +6,8 @@ Subclasses implement :meth:`Potential.raw_atomic_energies`; the base class adds
 * element handling: a fixed list of supported atomic numbers (``species``) and a clear error for others;
 * the output transform ``E_i = scale * raw_i + shift + E0[Z_i]`` (eV), with ``E0`` the per-element reference
   energies (float64 buffers, fitted by least squares in training);
-* :meth:`Potential.compute`: total energy (accumulated in float64), conservative forces ``-dE/dr`` and the
+* calling the model (``model(graph, forces=True, stress=False)``): total energy (accumulated in float64),
+  conservative forces ``-dE/dr`` and the
   stress ``(1/V) dE/d(eps)`` from a symmetric strain applied to positions and cell, all by autograd.
 """
 from __future__ import annotations
@@ -58,7 +59,6 @@ class Potential(KeepsFloat64):
     """
 
     model_name: str = "potential"
-    conservative: bool = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -137,10 +137,8 @@ class Potential(KeepsFloat64):
         return raw.to(torch.float64) * self.scale + self.shift + self.atomic_reference_energies[species]
 
     def forward(self, graph, forces: bool = True, stress: bool = False, training: bool = False):
-        return compute_properties(self, graph, forces=forces, stress=stress, training=training)
-
-    def compute(self, graph, forces: bool = True, stress: bool = False, training: bool = False):
-        """Energy (B,) eV float64, ``energies`` (N,) eV, ``forces`` (N, 3) eV/Å, ``stress`` (B, 3, 3) eV/Å^3."""
+        """Energy (B,) eV float64, ``energies`` (N,) eV, ``forces`` (N, 3) eV/Å, ``stress`` (B, 3, 3) eV/Å^3
+        (see :func:`compute_properties`)."""
         return compute_properties(self, graph, forces=forces, stress=stress, training=training)
 
 

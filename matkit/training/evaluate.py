@@ -125,7 +125,7 @@ def run_inference(model, loader, device: torch.device, dtype: torch.dtype, stres
         batch = prepare_batch(batch, device, dtype)
         want_stress = stress if stress is not None else getattr(batch, "stress", None) is not None
         with torch.enable_grad():
-            pred = model.compute(batch, forces=True, stress=want_stress, training=False)
+            pred = model(batch, forces=True, stress=want_stress, training=False)
         pred = {k: v.detach() for k, v in pred.items()}
         targets = batch_targets(batch)
         errors.update(pred, targets)

@@ -8,7 +8,7 @@ What a run does, in order:
    checkpoints), holds out a validation split (logged), reports frames whose labels the loss cannot use (NaN/inf
    or missing), fits reference energies / scale / shift on the training split (:mod:`matkit.training.stats`);
 4. AdamW + LR schedule + EMA + gradient clipping; force (and stress) losses through
-   ``model.compute(batch, forces=..., stress=..., training=True)`` so that they train the weights (forces and
+   ``model(batch, forces=..., stress=..., training=True)`` so that they train the weights (forces and
    stress are computed only when their loss weight is positive);
 5. writes ``metrics.csv`` (one row per logged step and per epoch), ``train.log``, ``latest.pt`` (raw weights
    plus the full training state: optimiser, schedule, EMA, RNG states, epoch, step, the epoch's batch order
