@@ -2,12 +2,11 @@
 
 PyTorch on the CPU allocates each large intermediate tensor with ``malloc`` and frees it a moment later. glibc
 serves allocations above its mmap threshold (at most 32 MiB by default) with fresh ``mmap`` pages and gives freed
-heap tops back to the OS, so every step re-faults its multi-MB activations page by page: on a 128-channel
-``gaunt_mace`` training step (8 acetylacetone molecules, (edges, grid, channels) = (1462, 45, 128) tensors) this
-made the step 1.5-1.8x slower. :func:`keep_freed_memory` makes glibc keep freed memory for reuse instead, as PyTorch's
-CUDA caching allocator does on GPUs; the process then holds on to its peak memory. Measured with the real trainer
-on that step (1 thread, shared 2-core machine): 0.85-1.03 s -> 0.57-0.60 s. PyTorch's 64-byte-aligned allocations
-(``posix_memalign``) are not always reused by glibc < 2.38, so part of the re-faulting remains.
+heap tops back to the OS, so every step re-faults its multi-MB activations page by page (for large training
+steps this costs more than the arithmetic). :func:`keep_freed_memory` makes glibc keep freed memory for reuse
+instead, as PyTorch's CUDA caching allocator does on GPUs; the process then holds on to its peak memory. PyTorch's
+64-byte-aligned allocations (``posix_memalign``) are not always reused by glibc < 2.38, so part of the re-faulting
+remains. Measurements: ``benchmarks/README.md``.
 """
 from __future__ import annotations
 

@@ -28,12 +28,10 @@ Differences from the reference (fairchem ``escn.py``), all deliberate:
 
 **Approximate equivariance.** The SO(2)/SO(3) linear parts are exact. The two grid nonlinearities alias: the
 edge-frame one is exact only for rotations about the edge by multiples of ``2 pi / res_alpha``, the node one only
-up to the quadrature error for non-band-limited functions. Both errors fall exponentially with resolution
-(measured, lmax=4, mmax=2, random weights, float64, max force error after a rotation, forces ~0.05 eV/Å):
-edge grid res_alpha 5/6/7/8/10 -> 6e-8/4e-8/1e-11/3e-12/6e-14 (node grid fine); node grid (res_beta, res_alpha)
-(5,9)/(6,12)/(8,16)/(10,20)/(12,24)/(14,28) -> 4e-5/1e-5/2e-7/1e-8/5e-10/8e-12 (edge grid fine). The defaults,
-edge ``(lmax+2, 4 mmax+4)`` and node ``(2 lmax+6, 4 lmax+12)``, are at the 1e-11 level for such weights;
-trained weights with larger activations alias more (tests/test_escn.py measures the tested configuration).
+up to the quadrature error for non-band-limited functions. Both errors fall exponentially with the resolution;
+the defaults, edge ``(lmax+2, 4 mmax+4)`` and node ``(2 lmax+6, 4 lmax+12)``, keep them near 1e-11 relative for
+random weights (trained weights with larger activations alias more; ``tests/test_escn.py`` measures the tested
+configuration, ``benchmarks/README.md`` lists the error against the resolution).
 """
 from __future__ import annotations
 

@@ -99,9 +99,9 @@ def cleanup_distributed(timeout_s: float = 60.0) -> bool:
 
     Call it once every rank has finished (the trainer meets all ranks at a barrier after its last checkpoint)
     and after freeing any DDP wrapper. Tearing a process group down can hang although every rank got there
-    (pytorch/pytorch#75097). The cause seen here, with gloo on a loaded 2-core CI machine, was the destructor/GIL
-    deadlock of pytorch/pytorch#56297, which the trainer now avoids (see ``_COLLECTIVE_TENSORS`` and
-    ``Trainer._free_ddp_wrapper``); as a safety net for other causes the teardown runs in a helper thread: after
+    (pytorch/pytorch#75097); the gloo destructor/GIL deadlock of pytorch/pytorch#56297 is avoided by
+    ``_COLLECTIVE_TENSORS`` and ``Trainer._free_ddp_wrapper``. For any other cause the teardown runs in a helper
+    thread: after
     ``timeout_s`` the rank logs a warning, prints where the teardown is stuck and goes on, so a finished training
     exits instead of hanging its launcher. Should the teardown hold the interpreter lock while stuck, a watchdog
     prints every thread's stack after ``2 * timeout_s`` and exits with status 1.

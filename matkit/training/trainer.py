@@ -331,7 +331,7 @@ class Trainer:
         The wrapper's C++ ``Reducer`` holds a reference to the process group. Were it the last one, the gloo
         process group would be destroyed with the GIL held, and its destructor waits for a worker thread
         that may itself wait for the GIL to free a finished collective's tensors: a deadlock
-        (pytorch/pytorch#56297; it hung CI about once in 25 torchrun runs on a loaded machine). Freed first,
+        (pytorch/pytorch#56297). Freed first,
         the wrapper leaves the process group to ``destroy_process_group``, whose Python references release the
         GIL before destroying it; :func:`~matkit.training.ddp.all_reduce_sum` also keeps its tensors referenced
         so that the worker threads' clean-up never needs the GIL."""
