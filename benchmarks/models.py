@@ -152,9 +152,11 @@ def main(argv=None):
     if args.worker:
         worker(args.worker[0], args.worker[1], systems, args.threads, args.device)
         return
-    names = args.models.split(",") if args.models else sorted(p.stem for p in SPECS.glob("*.py") if p.stem != "__init__")
+    names = (args.models.split(",") if args.models
+             else sorted(p.stem for p in SPECS.glob("*.py") if p.stem != "__init__"))
     sys.path.insert(0, str(HERE))
-    print(f"threads={args.threads} device={args.device} MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')} "
+    print(f"threads={args.threads} device={args.device} "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')} "
           f"(same for both sides); median ms per calculator call; peak RSS in MB")
     for name in names:
         spec = importlib.import_module(f"model_specs.{name}")
@@ -175,12 +177,14 @@ def main(argv=None):
                 o, p = ours.get((system, mode)), peer.get((system, mode))
                 if o is None and p is None:
                     continue
-                speed = (f"{p['seconds'] / o['seconds']:.2f}x" if o and p and "seconds" in o and "seconds" in p else "-")
+                speed = (f"{p['seconds'] / o['seconds']:.2f}x" if o and p and "seconds" in o and "seconds" in p
+                         else "-")
                 ef = ours.get((system, "EF"))
                 overhead = (f"{o['seconds'] / ef['seconds']:.2f}" if mode == "EFS" and o and ef and "seconds" in o
                             and "seconds" in ef else "")
                 print(f"| {system} | {mode} | {fmt_ms(o)} | {fmt_ms(p)} | {speed} | "
-                      f"{o['peak_rss_mb']:.0f} | " if o else f"| {system} | {mode} | - | {fmt_ms(p)} | - | - | ", end="")
+                      f"{o['peak_rss_mb']:.0f} | " if o else f"| {system} | {mode} | - | {fmt_ms(p)} | - | - | ",
+                      end="")
                 print(f"{p['peak_rss_mb']:.0f} | {overhead} |" if p else f"- | {overhead} |")
 
 

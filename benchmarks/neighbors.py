@@ -182,8 +182,8 @@ def main():
     print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, loadavg {os.getloadavg()}")
 
     ct = compile_time()
-    print(f"matkit first call: {ct['compile_s']:.1f} s wall / {ct['compile_cpu_s']:.1f} s CPU with an empty Numba cache "
-          f"(JIT compile), {ct['cached_s']:.2f} s from the cache (cache=True); import {ct['import_s']:.1f} s\n")
+    print(f"matkit first call: {ct['compile_s']:.1f} s wall / {ct['compile_cpu_s']:.1f} s CPU with an empty Numba "
+          f"cache (JIT compile), {ct['cached_s']:.2f} s from the cache (cache=True); import {ct['import_s']:.1f} s\n")
 
     results = []
     for cutoff in (5.0, 6.0):

@@ -358,8 +358,9 @@ def main(argv=None):
     clock = "process CPU" if args.clock == "cpu" else "wall-clock"
     print(f"E={args.edges} edges, C={args.channels} channels, H={args.hidden or args.channels}, "
           f"{'chiral (all paths)' if args.chiral else 'achiral (parity-even paths)'}, float32, "
-          f"{args.threads} thread(s), device={args.device}; median {clock} time of repeats after a warm-up; memory = peak "
-          f"{'CUDA allocation' if args.device.startswith('cuda') else 'RSS'} above the process before the inputs",
+          f"{args.threads} thread(s), device={args.device}; median {clock} time of repeats after a warm-up; "
+          f"memory = peak {'CUDA allocation' if args.device.startswith('cuda') else 'RSS'} above the process "
+          "before the inputs",
           flush=True)
     results, checks = {}, {}
     for l in ls:
@@ -405,7 +406,7 @@ def main(argv=None):
                   f"{ms(gf)} | {ms(get('so2_conv', l, m, 'fwd_s'))} | {speed(s3f, rf)} ({speed(s3f, gf)}) | "
                   f"{ms(s3b)}{star(l)} | {ms(rb)} | {ms(gb)} | {ms(get('so2_conv', l, m, 'fwdbwd_s'))} | "
                   f"{speed(s3b, rb)} ({speed(s3b, gb)}) |")
-    print(f"\n### peak memory (MB, fwd / fwd+bwd), Wigner-D construction time and equivalence check\n")
+    print("\n### peak memory (MB, fwd / fwd+bwd), Wigner-D construction time and equivalence check\n")
     print(f"| L | SO(3) | SO(2) route mmax = L | SO(2) route mmax = {mt} | Wigner D fwd ms (mmax = L) | "
           f"max abs diff (rel), mmax = L | mmax = {mt} |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -21,8 +21,9 @@ Reported per (method, L): median wall time of the forward pass (under ``torch.no
 exceed ``--budget`` seconds; at least 3 unless ``--repeats`` is smaller), and peak extra memory of one
 forward+backward call. Memory, CPU: each case runs in its own subprocess; freed heap pages are returned to the
 kernel (glibc ``malloc_trim``) and its peak-RSS counter is reset (``/proc/self/clear_refs``) right before the
-call, and the reading is ``VmHWM - VmRSS`` at that point, i.e. what the call added on top of inputs and modules (falls back to ``ru_maxrss`` deltas where clear_refs is unavailable:
-then marked ``~``). CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+call, and the reading is ``VmHWM - VmRSS`` at that point, i.e. what the call added on top of inputs and modules
+(falls back to ``ru_maxrss`` deltas where clear_refs is unavailable: then marked ``~``). CUDA:
+``torch.cuda.max_memory_allocated`` minus the allocation before the call.
 If e3nn's forward+backward at E edges is predicted to take more than ``--max-call-seconds`` it is measured on
 fewer edges and times and memory are scaled linearly in E (marked ``*``). The exponent p of time ~ L^p is the
 least-squares slope of log(time) against log(L) over L = 2..8 (the measured part of it).
@@ -330,7 +331,8 @@ def fit_exponent(rows, key, lmin=2, lmax=8):
 
 
 def _num(value):
-    return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+    return (f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 10
+            else f"{value:.1f}" if value < 1000 else f"{value:.0f}")
 
 
 def _fmt(row, key, fmt=None):

@@ -162,7 +162,8 @@ def main(argv=None):
     print(f"matkit TensorNet vs {spec.PEER}; 1 thread; {args.rounds} alternating rounds; "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')} (same for both sides); "
           f"ms per call (MD: per step); ratio = peer / ours")
-    print("| system | mode | ours wall | peer wall | wall ratio | ours CPU | peer CPU | CPU ratio | ours MB | peer MB |")
+    print("| system | mode | ours wall | peer wall | wall ratio | ours CPU | peer CPU | CPU ratio | "
+          "ours MB | peer MB |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key in sorted(set(ours) | set(peer), key=lambda k: (int(k[0][2:]), k[1])):
         o, p = ours.get(key), peer.get(key)

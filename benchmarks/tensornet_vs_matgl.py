@@ -195,7 +195,8 @@ def differences(calc, structs, reference, key) -> dict:
 def write_fixture(path: Path, structs, reference) -> None:
     import numpy as np
 
-    arrays = {"structure_names": np.array([s[0] for s in structs]), "matgl_version": np.array(reference["matgl_version"])}
+    arrays = {"structure_names": np.array([s[0] for s in structs]),
+              "matgl_version": np.array(reference["matgl_version"])}
     for sname, numbers, positions, cell, pbc in structs:
         arrays[f"{sname}/numbers"] = np.asarray(numbers, dtype=np.int64)
         arrays[f"{sname}/positions"] = np.asarray(positions, dtype=np.float64)

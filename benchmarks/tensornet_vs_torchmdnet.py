@@ -148,7 +148,8 @@ def compare(workdir: Path, spec: dict, fixture: Path | None = None) -> dict:
         ckpt = read_torchmdnet_checkpoint(workdir / "model.ckpt")
         data = {"hyper_parameters": ckpt["hyper_parameters"], "state_dict": ckpt["state_dict"],
                 "species": SPECIES,
-                "structures": [{"name": n, "numbers": torch.tensor(z), "positions": torch.tensor(p, dtype=torch.float64),
+                "structures": [{"name": n, "numbers": torch.tensor(z),
+                                "positions": torch.tensor(p, dtype=torch.float64),
                                 "cell": torch.tensor(c, dtype=torch.float64), "pbc": torch.tensor(b)}
                                for n, z, p, c, b in spec["structures"]],
                 "energy": {n: reference[f"{n}/64-puretorch"]["energy"] for n, *_ in spec["structures"]},
@@ -164,7 +165,8 @@ def main(argv=None):
     parser.add_argument("--peer-stage", help=argparse.SUPPRESS)
     parser.add_argument("--peer-python", default=PEER_PYTHON,
                         help="python of the torchmd-net venv (default $MATKIT_TMD_PYTHON)")
-    parser.add_argument("--small", action="store_true", help="8 channels, 6 rbf, 4.5 Å, max_z 16 (the test fixture model)")
+    parser.add_argument("--small", action="store_true",
+                        help="8 channels, 6 rbf, 4.5 Å, max_z 16 (the test fixture model)")
     parser.add_argument("--group", default="O(3)", choices=["O(3)", "SO(3)"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fixture", type=Path, help="write a small test fixture here")
@@ -183,7 +185,8 @@ def main(argv=None):
         run_peer(args.peer_python, workdir, spec)
         report = compare(workdir, spec, args.fixture)
     print(f"TensorNet {channels} channels, 2 layers, {rbf} rbf, cutoff {cutoff} Å, {args.group}")
-    print(f"{'structure/precision':24s} {'E torchmd-net':>16s} {'E matkit':>16s} {'|dE|/|E|':>10s} {'max|dF|/max|F|':>15s}")
+    print(f"{'structure/precision':24s} {'E torchmd-net':>16s} {'E matkit':>16s} {'|dE|/|E|':>10s} "
+          f"{'max|dF|/max|F|':>15s}")
     for key, r in report.items():
         print(f"{key:24s} {r['energy_torchmdnet']:16.8f} {r['energy_matkit']:16.8f} {r['energy_rel_diff']:10.2e} "
               f"{r['forces_rel_diff']:15.2e}")

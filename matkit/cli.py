@@ -14,7 +14,8 @@ _COMMAND_MODULES = ["matkit.demo", "matkit.data.cli", "matkit.training.cli", "ma
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matkit", description="Machine-learned interatomic potentials.")
-    parser.add_argument("--version", action="version", version=f"matkit {importlib.import_module('matkit').__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"matkit {importlib.import_module('matkit').__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:

@@ -41,7 +41,8 @@ def _system(potential_name):
             atoms = perovskite("SrTiO3", 3.905).repeat((2, 2, 2))
             del atoms[[a.index for a in atoms if a.symbol == "O"][0]]  # an oxygen vacancy
             return model, atoms, label
-        element = "Si" if 14 in species else __import__("ase.data", fromlist=["chemical_symbols"]).chemical_symbols[species[0]]
+        element = ("Si" if 14 in species
+                   else __import__("ase.data", fromlist=["chemical_symbols"]).chemical_symbols[species[0]])
         lattice = {"Si": ("diamond", 5.43), "Ge": ("diamond", 5.76), "Mo": ("bcc", 3.16), "Li": ("bcc", 3.44)}
         structure, a = lattice.get(element, ("diamond", 5.43))
         atoms = bulk(element, structure, a=a, cubic=True).repeat((2, 2, 2))

@@ -16,7 +16,7 @@ Conventions (used by every model in matkit):
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch

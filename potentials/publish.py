@@ -174,6 +174,16 @@ def main(argv=None) -> int:
         return in_milli(errors.get(key))
 
     split_sentence = describe_split((meta.get("config") or {}).get("data") or {})
+    # the long rows of the card's table
+    split_row = (f"| split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation "
+                 f"structures: {split_sentence}. No separate test split exists for this data, so these are "
+                 "validation errors, not test errors. |")
+    energy_row = (f"| energy scale | {energy_scale}; fitted reference energies (eV): "
+                  f"{reference_energies(model)}{refit_note} |")
+    training_row = (f"| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')})"
+                    f"{stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall} |")
+    weights_row = (f"| weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; "
+                   "loads with `weights_only=True`) |")
 
     card = f"""# {args.name}
 
@@ -190,11 +200,11 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | species | {', '.join(matkit_symbols(species))} |
 | cutoff | {model.cutoff} Å |
 | training data | `{dataset}`: {source} |
-| split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation structures: {split_sentence}. No separate test split exists for this data, so these are validation errors, not test errors. |
-| energy scale | {energy_scale}; fitted reference energies (eV): {reference_energies(model)}{refit_note} |
-| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')}){stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall} |
+{split_row}
+{energy_row}
+{training_row}
 | forces / stress | conservative: autograd of the energy (positions and a symmetric strain) |
-| weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; loads with `weights_only=True`) |
+{weights_row}
 | license | weights: same terms as the training data ({source.split(';')[-1].strip()}); code: MIT |
 
 ## Validation errors (held-out split, float64, `matkit evaluate model.pt {dataset} --split val`)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
 from pymatgen.core import Composition, Lattice, Structure
-from pymatgen.entries.computed_entries import ComputedEntry, ComputedStructureEntry
+from pymatgen.entries.computed_entries import ComputedStructureEntry
 
 from matkit.discovery.energies import (ELEMENTAL_REFERENCES_PATH, elemental_reference_energies,
                                        energy_on_mp2020_scale, formation_energy_per_atom, hull_distance_benchmark,

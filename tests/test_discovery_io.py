@@ -35,7 +35,8 @@ def test_prediction_file_errors(tmp_path):
     pd.DataFrame({"material_id": ["a", "a"], "e_form_per_atom_x": [0.1, 0.2]}).to_csv(bad, index=False)
     with pytest.raises(ValueError, match="duplicate material ids"):
         read_predictions(bad)
-    pd.DataFrame({"material_id": ["a"], "e_form_per_atom_x": [0.1], "e_form_per_atom_y": [0.2]}).to_csv(bad, index=False)
+    pd.DataFrame({"material_id": ["a"], "e_form_per_atom_x": [0.1],
+                  "e_form_per_atom_y": [0.2]}).to_csv(bad, index=False)
     with pytest.raises(KeyError, match="cannot tell the formation-energy column"):
         read_predictions(bad)
     assert read_predictions(bad, column="e_form_per_atom_y")["a"] == 0.2

@@ -5,7 +5,6 @@ crystals, but it is an exact, smooth potential: both paths must find the same mi
 """
 import numpy as np
 import pytest
-import torch
 from ase.build import bulk
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.filters import FrechetCellFilter

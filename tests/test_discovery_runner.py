@@ -1,5 +1,4 @@
 """Sharded, resumable runs: kill and resume, truncated records, strict merge, process pool, Ray, CLI."""
-import json
 import os
 import signal
 import subprocess

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 import torch
-from ase.build import bulk, fcc111, molecule
+from ase.build import bulk, fcc111
 
 import matkit
-from matkit.graph import atoms_to_graph, batch_graphs, edge_vectors, graph_batch_vector
+from matkit.graph import atoms_to_graph, edge_vectors, graph_batch_vector
 from matkit.models.faenet import period_and_group
 from matkit.nn.frame_averaging import compute_frames
 from model_harness import ModelHarness, SPECIES, periodic_structure, random_rotation

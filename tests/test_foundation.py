@@ -1,6 +1,4 @@
 """Graph construction, calculator behaviour, checkpoints and bad-input errors."""
-import pickle
-import zipfile
 
 import numpy as np
 import pytest

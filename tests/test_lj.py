@@ -1,10 +1,9 @@
 """The Lennard-Jones potential through the whole pipeline against ase.calculators.lj.LennardJones."""
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from ase import Atoms, units
+from ase import units
 from ase.build import bulk, molecule
 from ase.calculators.lj import LennardJones as AseLJ
 from ase.md.verlet import VelocityVerlet

@@ -92,8 +92,9 @@ def test_publish_takes_the_training_sentence_from_the_run_log_else_from_the_card
     spec.loader.exec_module(publish)
     folder = tmp_path / "card"
     folder.mkdir()
-    (folder / "README.md").write_text("| training | best checkpoint after epoch 230, EMA weights; a CPU. finished after "
-                                      "230 epochs, 6670 steps; best validation loss 0.0138661 |\n| forces | ... |\n")
+    (folder / "README.md").write_text("| training | best checkpoint after epoch 230, EMA weights; a CPU. "
+                                      "finished after 230 epochs, 6670 steps; best validation loss 0.0138661 |\n"
+                                      "| forces | ... |\n")
     assert (publish.finished_sentence(tmp_path, folder)
             == "finished after 230 epochs, 6670 steps; best validation loss 0.0138661")
     assert publish.finished_sentence(tmp_path, tmp_path / "no-card") == ""

@@ -1,7 +1,6 @@
 """Bad input in the calculator and the stability runs: clear errors naming the structure, one bad structure
 never stops the others, nothing unphysical or unconverged reaches a predictions file unflagged, runs cannot be
 mixed up or outlived by their workers."""
-import json
 import os
 import signal
 import subprocess

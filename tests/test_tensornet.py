@@ -9,7 +9,7 @@ from ase import Atoms
 import matkit
 from matkit.convert.torchmdnet import tensornet_from_torchmdnet_state
 from matkit.graph import atoms_to_graph
-from model_harness import DTYPES, ModelHarness, periodic_structure, random_rotation
+from model_harness import DTYPES, ModelHarness, periodic_structure
 
 
 class TestTensorNet(ModelHarness):
@@ -18,7 +18,7 @@ class TestTensorNet(ModelHarness):
 
 
 class TestTensorNetMatglVariant(ModelHarness):
-    """matgl's TensorNet options (the MatPES universal potentials): smooth Bessel basis, no self-loops, gated readout."""
+    """matgl's TensorNet options (MatPES universal potentials): smooth Bessel basis, no self-loops, gated readout."""
 
     model_name = "tensornet"
     hparams = dict(hidden_channels=16, num_layers=2, num_rbf=3, radial_basis="smooth_bessel", self_loops=False,

@@ -25,7 +25,7 @@ by default.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -155,7 +155,8 @@ class _Pool:
         drop = torch.zeros(len(self), dtype=torch.bool, device=self.device)
         drop[slots] = True
         keep = ~drop[self.edge_seg]
-        src, dst, shift, seg = [self.edge_src[keep]], [self.edge_dst[keep]], [self.edge_shift[keep]], [self.edge_seg[keep]]
+        src, dst = [self.edge_src[keep]], [self.edge_dst[keep]]
+        shift, seg = [self.edge_shift[keep]], [self.edge_seg[keep]]
         for slot, (i, j, S) in zip(slots, lists):
             src.append(torch.as_tensor(j, dtype=torch.long, device=self.device))
             dst.append(torch.as_tensor(i, dtype=torch.long, device=self.device))

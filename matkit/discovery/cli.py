@@ -3,8 +3,6 @@ model's own energy scale), ``metrics`` (the benchmark's metrics and plots) and `
 of materials without DFT labels, against a convex hull of known entries)."""
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 __all__ = ["register"]
@@ -142,7 +140,7 @@ def _cmd_run(args) -> int:
 def _cmd_metrics(args) -> int:
     import pandas as pd
 
-    from .io import read_labels, read_predictions
+    from .io import read_labels
     from .metrics import discovery_metrics
     from .report import metrics_table, write_report
 
@@ -202,8 +200,10 @@ def _cmd_fit_references(args) -> int:
                                  regularization=args.regularization, loss=args.loss,
                                  fitted_on=f"{len(ok)} crystals of {args.labels.name}")
     fit.save(args.out)
-    print(f"fitted {len(fit.elements)} element references{' and ' + str(len(fit.u_terms)) + ' U terms' if fit.u_terms else ''} "
-          f"({fit.corrections}, {fit.loss}) on {fit.n_fit} crystals ({len(records) - len(ok)} failed relaxations left out): "
+    print(f"fitted {len(fit.elements)} element references"
+          f"{' and ' + str(len(fit.u_terms)) + ' U terms' if fit.u_terms else ''} "
+          f"({fit.corrections}, {fit.loss}) on {fit.n_fit} crystals "
+          f"({len(records) - len(ok)} failed relaxations left out): "
           f"training MAE {fit.fit_mae:.4f} eV/atom; wrote {args.out}")
     if not np.isfinite(fit.fit_mae):
         return 1

@@ -102,7 +102,8 @@ def stable_metrics(each_true, each_pred, stability_threshold: float = STABILITY_
     )
 
 
-def discovery_metrics(labels: pd.DataFrame, e_form_pred: pd.Series, *, e_form_col: str = "e_form_per_atom_mp2020_corrected",
+def discovery_metrics(labels: pd.DataFrame, e_form_pred: pd.Series, *,
+                      e_form_col: str = "e_form_per_atom_mp2020_corrected",
                       e_hull_col: str = "e_above_hull_mp2020_corrected_ppd_mp", uniq_col: str = "unique_prototype",
                       most_stable: Optional[int] = None, stability_threshold: float = STABILITY_THRESHOLD,
                       max_error: Optional[float] = MAX_E_FORM_ERROR,

@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import os
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path

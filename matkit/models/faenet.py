@@ -24,7 +24,6 @@ inference (``model.eval()``) each interaction's filter-and-message step runs as 
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch

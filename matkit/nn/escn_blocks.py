@@ -6,9 +6,7 @@ mean square 1 over the sphere, ``Y_00 = 1``), l-major, polar axis +y.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
-from e3nn import o3
 from torch import nn
 
 from .radial import GaussianBasis

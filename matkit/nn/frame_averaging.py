@@ -78,7 +78,8 @@ def covariance(pos, edge_vec, edge_index, batch, num_graphs, periodic, cutoff):
         edge_cov = torch.zeros_like(cov).index_add_(0, batch[edge_index[1]], outer)
         cov = torch.where(periodic[:, None, None], edge_cov, cov)
     counts = torch.zeros(num_graphs, dtype=dtype, device=device).index_add_(0, batch, torch.ones_like(pos[:, 0]))
-    mean = torch.zeros(num_graphs, 3, dtype=dtype, device=device).index_add_(0, batch, pos) / counts.clamp(min=1)[:, None]
+    mean = (torch.zeros(num_graphs, 3, dtype=dtype, device=device).index_add_(0, batch, pos)
+            / counts.clamp(min=1)[:, None])
     centred = pos - mean[batch]
     pos_cov = torch.zeros_like(cov).index_add_(0, batch, centred[:, :, None] * centred[:, None, :])
     return torch.where(periodic[:, None, None], cov, pos_cov)

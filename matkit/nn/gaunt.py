@@ -235,7 +235,8 @@ def _features_first(x: torch.Tensor, lmax: int, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
     if x.dim() == 0 or x.shape[-1] != _num_sh(lmax):
-        raise ValueError(f"{name} must have last dimension (L+1)^2 = {_num_sh(lmax)} for L = {lmax}, got {tuple(x.shape)}")
+        raise ValueError(f"{name} must have last dimension (L+1)^2 = {_num_sh(lmax)} for L = {lmax}, "
+                         f"got {tuple(x.shape)}")
     return x.movedim(-1, 0)
 
 
@@ -308,7 +309,8 @@ class SphericalGrid(_Transform):
         self.register_buffer("scatter_out", _padded_layout(self.lmax_out)[1], persistent=False)
 
     def extra_repr(self) -> str:
-        return f"lmax_in={self.lmax_in}, lmax_out={self.lmax_out}, degree={self.degree}, grid=({self.n_beta}, {self.n_alpha})"
+        return (f"lmax_in={self.lmax_in}, lmax_out={self.lmax_out}, degree={self.degree}, "
+                f"grid=({self.n_beta}, {self.n_alpha})")
 
     def to_grid_t(self, x_t: torch.Tensor) -> torch.Tensor:
         """Features-first ((lmax_in+1)^2, *batch) -> grid values (n_alpha, n_beta, *batch)."""
@@ -437,7 +439,8 @@ class FourierSphere(_Transform):
         self.register_buffer("u_unwrap", u % self.n_u, persistent=False)
 
     def extra_repr(self) -> str:
-        return f"lmax1={self.lmax1}, lmax2={self.lmax2}, lmax_out={self.lmax_out}, backend={self.backend!r}, torus=({self.n_v}, {self.n_u})"
+        return (f"lmax1={self.lmax1}, lmax2={self.lmax2}, lmax_out={self.lmax_out}, backend={self.backend!r}, "
+                f"torus=({self.n_v}, {self.n_u})")
 
     # ---- construction of the conversion matrices (all numerical, from e3nn samples) ----
 
@@ -617,7 +620,8 @@ class GauntTensorProduct(torch.nn.Module):
             self.weight2 = torch.nn.Parameter(torch.ones(channels, self.lmax2 + 1))
 
     def extra_repr(self) -> str:
-        return f"lmax1={self.lmax1}, lmax2={self.lmax2}, lmax_out={self.lmax_out}, method={self.method!r}, channels={self.channels}"
+        return (f"lmax1={self.lmax1}, lmax2={self.lmax2}, lmax_out={self.lmax_out}, method={self.method!r}, "
+                f"channels={self.channels}")
 
     def forward(
         self,
@@ -629,7 +633,8 @@ class GauntTensorProduct(torch.nn.Module):
         x1 = self._weighted(x1, self.lmax1, "x1", getattr(self, "weight1", None), weight1)
         x2 = self._weighted(x2, self.lmax2, "x2", getattr(self, "weight2", None), weight2)
         if x1.dtype != x2.dtype or x1.device != x2.device:
-            raise TypeError(f"x1 and x2 must share dtype and device, got {x1.dtype}/{x1.device} and {x2.dtype}/{x2.device}")
+            raise TypeError(f"x1 and x2 must share dtype and device, got {x1.dtype}/{x1.device} and "
+                            f"{x2.dtype}/{x2.device}")
         x1, x2 = _align_batch(x1, x2)
         x1_t = _features_first(x1, self.lmax1, "x1")
         x2_t = _features_first(x2, self.lmax2, "x2")

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from .gaunt import GauntPower
-from .sphere_grid import SphereGrid, degree_of_coefficient, spherical_harmonics
+from .sphere_grid import SphereGrid, degree_of_coefficient
 
 __all__ = ["gaunt_product",
-           "IrrepsLinear", "SpeciesIrrepsLinear", "RadialMLP", "NeighbourSlots", "GauntManyBodyProduct", "GauntInteraction",
-           "ScaledSiLU"]
+           "IrrepsLinear", "SpeciesIrrepsLinear", "RadialMLP", "NeighbourSlots",
+           "GauntManyBodyProduct", "GauntInteraction", "ScaledSiLU"]
 
 
 def num_coefficients(lmax: int) -> int:
@@ -146,9 +146,10 @@ class GauntManyBodyProduct(nn.Module):
 
     ``B_{i,c,lm} = sum_{nu=1..correlation} w[z_i, c, nu, l] [ (s A_{i,c})^nu ]_{lm}``: channel ``c`` of ``A_i`` is
     one function on the sphere; it is evaluated on the grid once, raised to powers 1..nu pointwise, and every
-    power is projected back to degrees <= lmax_out (:class:`matkit.nn.gaunt.GauntPower`). ``s = 1/sqrt((lmax_in+1)^2)`` makes unit-variance
-    coefficients give unit-variance grid values. Weights depend on the element, the order nu, the output
-    degree l and the channel (the "self-mix" basis of the Gaunt paper).
+    power is projected back to degrees <= lmax_out (:class:`matkit.nn.gaunt.GauntPower`).
+    ``s = 1/sqrt((lmax_in+1)^2)`` makes unit-variance coefficients give unit-variance grid values. Weights
+    depend on the element, the order nu, the output degree l and the channel (the "self-mix" basis of the
+    Gaunt paper).
 
     forward: A (N, (lmax_in+1)^2, C), species (N,) -> B (N, (lmax_out+1)^2, C).
     """

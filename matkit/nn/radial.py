@@ -82,9 +82,9 @@ class SmoothBesselBasis(nn.Module):
         g_0 = f_0,  g_n = (f_n + sqrt(e_n / d_{n-1}) g_{n-1}) / sqrt(d_n)          n = 0 .. num_basis - 1
 
     Each ``f_n`` and its first derivative vanish at ``rc``; the ``g_n`` span the same space and are orthonormal
-    on [0, rc] with weight r^2. Every ``g_n`` is a fixed combination of ``sinc(x_k)``, k = 1..num_basis+1, so the basis is one
-    (E, num_basis+1) sinc evaluation times a constant float64 matrix (cast to the input's dtype where used).
-    Finite at r = 0 (``sinc(0) = 1``).
+    on [0, rc] with weight r^2. Every ``g_n`` is a fixed combination of ``sinc(x_k)``, k = 1..num_basis+1, so
+    the basis is one (E, num_basis+1) sinc evaluation times a constant float64 matrix (cast to the input's dtype
+    where used). Finite at r = 0 (``sinc(0) = 1``).
 
     ``forward(r)``: distances (E,) in Å -> (E, num_basis), units Å^-3/2.
     """
@@ -193,10 +193,11 @@ class PolynomialEnvelope(nn.Module):
 
 
 class GaussianBasis(nn.Module):
-    """``num`` Gaussians ``exp(-(d - mu_k)^2 / (2 s^2))``, centres evenly spaced on [0, cutoff], ``s = width * spacing``.
+    """``num`` Gaussians ``exp(-(d - mu_k)^2 / (2 s^2))``, centres evenly spaced on [0, cutoff].
 
-    ``norm_factor`` is ``1 / sqrt(sum_k G_k(d)^2)`` for d inside the range (the sum of squares is ~sqrt(pi) width),
-    for initialising the layer that reads the basis. ``forward(d)``: (E,) Å -> (E, num).
+    Standard deviation ``s = width * spacing``. ``norm_factor`` is ``1 / sqrt(sum_k G_k(d)^2)`` for d inside the
+    range (the sum of squares is ~sqrt(pi) width), for initialising the layer that reads the basis.
+    ``forward(d)``: (E,) Å -> (E, num).
     """
 
     def __init__(self, cutoff: float, num: int, width: float = 1.0):

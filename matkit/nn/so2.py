@@ -49,8 +49,10 @@ class TruncatedLayout:
                     kept.append(l * l + l + m)
         self.kept = torch.tensor(kept, dtype=torch.long)
         self.zero_m = torch.tensor([position[(l, 0)] for l in range(lmax + 1)], dtype=torch.long)
-        self.plus = [None] + [torch.tensor([position[(l, m)] for l in range(m, lmax + 1)]) for m in range(1, mmax + 1)]
-        self.minus = [None] + [torch.tensor([position[(l, -m)] for l in range(m, lmax + 1)]) for m in range(1, mmax + 1)]
+        self.plus = [None] + [torch.tensor([position[(l, m)] for l in range(m, lmax + 1)])
+                              for m in range(1, mmax + 1)]
+        self.minus = [None] + [torch.tensor([position[(l, -m)] for l in range(m, lmax + 1)])
+                               for m in range(1, mmax + 1)]
 
     @property
     def size(self) -> int:
