@@ -22,6 +22,7 @@ demo: install
 	OMP_NUM_THREADS=2 $(VENV)/bin/matkit demo
 
 test: install
+	$(VENV)/bin/ruff check matkit tests benchmarks examples potentials
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 benchmarks: install

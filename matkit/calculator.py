@@ -6,7 +6,7 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from .graph import AtomicGraph, centred_positions, check_atoms, check_pair_distances
+from .graph import centred_positions, check_atoms, check_pair_distances, graph_from_pairs
 from .neighbors import VerletNeighborList
 
 __all__ = ["MatkitCalculator"]
@@ -75,14 +75,8 @@ class MatkitCalculator(Calculator):
         i, j, S = self.neighbors.update(atoms.positions, atoms.cell.array, atoms.pbc)
         check_pair_distances(atoms.positions, atoms.cell.array, i, j, S)
         positions, S = centred_positions(atoms.positions, atoms.cell.array, atoms.pbc, S, i, j)
-        graph = AtomicGraph(
-            pos=torch.as_tensor(positions, dtype=self.dtype, device=self.device),
-            atomic_numbers=torch.as_tensor(atoms.numbers, dtype=torch.long, device=self.device),
-            cell=torch.as_tensor(atoms.cell.array, dtype=self.dtype, device=self.device).unsqueeze(0),
-            pbc=torch.as_tensor(atoms.pbc, device=self.device).unsqueeze(0),
-            edge_index=torch.stack([torch.as_tensor(j), torch.as_tensor(i)]).to(self.device),
-            shifts=torch.as_tensor(S, dtype=self.dtype, device=self.device),
-        )
+        graph = graph_from_pairs(positions, atoms.numbers, atoms.cell.array, atoms.pbc, i, j, S, self.dtype,
+                                 self.device)
         out = self.model(graph, forces=True, stress=want_stress)
         energy = float(out["energy"][0].detach())
         self.results["energy"] = energy

@@ -24,7 +24,7 @@ from torch_geometric.data import Batch, Data
 
 from .neighbors import neighbor_list
 
-__all__ = ["AtomicGraph", "atoms_to_graph", "pymatgen_to_graph", "batch_graphs", "edge_vectors",
+__all__ = ["AtomicGraph", "atoms_to_graph", "pymatgen_to_graph", "graph_from_pairs", "batch_graphs", "edge_vectors",
            "check_atoms", "check_pair_distances", "centred_positions", "MIN_PAIR_DISTANCE"]
 
 #: atoms closer than this (Å) are refused: no physical structure has them (H2's bond is 0.74 Å), and at zero
@@ -141,18 +141,25 @@ def _graph_from_arrays(positions, numbers, cell, pbc, cutoff, dtype, labels) -> 
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     check_atoms(positions, cell, pbc)
     i, j, S = neighbor_list(positions, cell, pbc, cutoff)
-    graph = AtomicGraph(
-        pos=torch.as_tensor(positions, dtype=dtype),
-        atomic_numbers=torch.as_tensor(np.asarray(numbers), dtype=torch.long),
-        cell=torch.tensor(cell, dtype=dtype).unsqueeze(0),
-        pbc=torch.as_tensor(pbc).unsqueeze(0),
-        edge_index=torch.stack([torch.as_tensor(j), torch.as_tensor(i)]).long(),
-        shifts=torch.as_tensor(S, dtype=dtype),
-    )
-    graph.num_nodes = len(positions)
+    graph = graph_from_pairs(positions, numbers, cell, pbc, i, j, S, dtype)
     for key, value in labels.items():
         if value is not None:
             setattr(graph, key, value)
+    return graph
+
+
+def graph_from_pairs(positions, numbers, cell, pbc, i, j, S, dtype: torch.dtype, device=None) -> AtomicGraph:
+    """The one place an :class:`AtomicGraph` is assembled: positions (N, 3) Å, atomic numbers (N,), cell (3, 3) Å,
+    pbc (3,), and the pairs ``(i, j, S)`` of a neighbour list (centre i, neighbour j, integer cell shift S of j)."""
+    graph = AtomicGraph(
+        pos=torch.as_tensor(np.asarray(positions), dtype=dtype, device=device),
+        atomic_numbers=torch.as_tensor(np.asarray(numbers), dtype=torch.long, device=device),
+        cell=torch.as_tensor(np.asarray(cell, dtype=np.float64), dtype=dtype, device=device).reshape(1, 3, 3),
+        pbc=torch.as_tensor(np.asarray(pbc, dtype=bool), device=device).reshape(1, 3),
+        edge_index=torch.stack([torch.as_tensor(j), torch.as_tensor(i)]).long().to(device),
+        shifts=torch.as_tensor(S, dtype=dtype, device=device),
+    )
+    graph.num_nodes = len(positions)
     return graph
 
 

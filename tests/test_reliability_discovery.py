@@ -91,7 +91,7 @@ def test_batched_relaxer_fails_only_the_bad_structures(lj):
 
 def test_batched_relaxer_drops_a_structure_whose_model_output_is_not_finite(lj, monkeypatch):
     relaxer = BatchedRelaxer(lj, RelaxSettings(max_steps=50))
-    compute = relaxer.model.compute
+    compute = relaxer.model.forward
 
     def poisoned(batch, **kwargs):  # the model returns NaN forces for the 2-atom (bcc Na) structure
         out = compute(batch, **kwargs)
@@ -102,7 +102,7 @@ def test_batched_relaxer_drops_a_structure_whose_model_output_is_not_finite(lj, 
             out["forces"][torch.isin(batch.batch, bad)] = float("nan")
         return out
 
-    monkeypatch.setattr(relaxer.model, "compute", poisoned)
+    monkeypatch.setattr(relaxer.model, "forward", poisoned)
     outcomes = dict(relaxer.irelax(_crystals(), errors="yield"))
     assert isinstance(outcomes[2], RelaxFailure) and "non-finite" in str(outcomes[2])
     assert not isinstance(outcomes[0], RelaxFailure) and not isinstance(outcomes[1], RelaxFailure)
