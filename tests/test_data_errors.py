@@ -96,7 +96,8 @@ def test_interrupted_conversion_leaves_no_file(tmp_path):
     json.dump(items, open(source, "w"))
     out = tmp_path / "out.h5"
     with pytest.raises(FrameValidationError, match=r"frame 2 \(id 'Si-2'\): forces has shape"):
-        convert(source, out, "mlearn", progress=False, flush_frames=1)  # frames 0, 1 were already flushed
+        # strict: stop at the bad frame (by default it is skipped, see test_reliability_data.py)
+        convert(source, out, "mlearn", progress=False, flush_frames=1, strict=True)  # frames 0, 1 already flushed
     assert not out.exists() and not glob.glob(str(tmp_path / "*.partial"))
 
 
@@ -117,7 +118,7 @@ def test_mptrj_missing_key_names_frame(tmp_path):
     source = tmp_path / "mptrj.json"
     json.dump(data, open(source, "w"))
     with pytest.raises(ValueError, match=f"MPtrj frame {mp_id}/{frame_id} lacks key\\(s\\) \\['force'\\]"):
-        convert(source, tmp_path / "out.h5", "mptrj", progress=False)
+        convert(source, tmp_path / "out.h5", "mptrj", progress=False, strict=True)
 
 
 def test_deepmd_mismatched_shapes_name_the_file(tmp_path):

@@ -1,10 +1,17 @@
 """Write and read matkit HDF5 frame files (schema in :mod:`matkit.data.schema`).
 
-* :class:`HDF5Writer` creates or appends. New files are written to a temporary file next to the target and renamed
+* :class:`HDF5Writer` creates or appends. New files are written to a work file next to the target and renamed
   at :meth:`HDF5Writer.close`, so an interrupted conversion leaves no half-written dataset. Appends copy the file
-  to a temporary file first (``in_place=False``, the default) or write in place (``in_place=True``, for files
+  to a work file first (``in_place=False``, the default) or write in place (``in_place=True``, for files
   too large to copy): rows are appended first and the committed counts updated last; on any error the datasets
   are shrunk back to the committed counts, so earlier frames are never lost.
+  Work files are named ``<name>.<host>.<pid>.<random>.partial`` and removed on every failure path (errors,
+  KeyboardInterrupt, a failed write such as a full disk). One left by a killed process is *stale*: its process no
+  longer runs; :func:`stale_partials` lists them, ``matkit data info`` reports them and the next writer to the
+  same target removes them (with a warning). A failed write raises :class:`HDF5WriteError`, one line naming the
+  target and the cause; the target is then unchanged (not created, or byte-identical for an overwrite/append).
+  The final file gets the mode ``open()`` would give it: ``0o666 & ~umask`` for a new file, the old file's mode
+  when it replaces or extends one.
 * :class:`FrameFile` reads frames by index without loading the file (it opens the file lazily and can be
   pickled unopened, e.g. into DataLoader workers).
 * :func:`content_hash` / :func:`verify_file` compute and check the sha256 over the committed arrays.
@@ -12,11 +19,16 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import stat
 import tempfile
+import warnings
 from typing import Iterable, Optional
 
 import h5py
@@ -25,7 +37,8 @@ import numpy as np
 from .schema import (LABELS, SCHEMA_NAME, SCHEMA_VERSION, STRESS_CONVENTION, STRING_KEYS, UNITS_JSON, Frame,
                      validate_frame)
 
-__all__ = ["HDF5Writer", "FrameFile", "HDF5FormatError", "content_hash", "verify_file", "file_info"]
+__all__ = ["HDF5Writer", "FrameFile", "HDF5FormatError", "HDF5WriteError", "content_hash", "verify_file",
+           "check_values", "file_info", "stale_partials"]
 
 STR_DTYPE = h5py.string_dtype("utf-8")
 FRAME_CHUNK = 4096  # rows per chunk of per-frame datasets
@@ -34,6 +47,86 @@ ATOM_CHUNK = 8192  # rows per chunk of per-atom datasets
 
 class HDF5FormatError(ValueError):
     """The file is not a readable matkit HDF5 frames file (corrupt, truncated, wrong schema, missing keys)."""
+
+
+class HDF5WriteError(OSError):
+    """Writing a matkit HDF5 file failed (disk full, file-size limit, I/O error, no permission).
+
+    ``str()`` is one line naming the target file, the cause and what became of the target; ``errno`` is the cause's
+    errno (``EIO`` when unknown) and ``filename`` the target.
+    """
+
+    def __init__(self, path: str, cause: BaseException, outcome: str):
+        code = getattr(cause, "errno", None)
+        if not isinstance(code, int) or not code:
+            match = re.search(r"errno = (\d+)", str(cause))  # h5py buries the errno in its message
+            code = int(match.group(1)) if match else None
+        reason = (f"{os.strerror(code)} ({errno.errorcode.get(code, code)})" if code
+                  else " ".join(str(cause).split())[:300] or type(cause).__name__)
+        super().__init__(code or errno.EIO, f"{path}: cannot write: {reason}; {outcome}", path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+#: exceptions h5py and the OS raise for a failed read or write (as opposed to bad data: ValueError, TypeError)
+_IO_ERRORS = (OSError, RuntimeError)
+PARTIAL_SUFFIX = ".partial"
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def _partial_prefix(path: str) -> str:
+    """``<name>.<host>.<pid>.``: a work file names its owner, so one left by a killed process can be recognised."""
+    return f"{os.path.basename(path)}.{_host()}.{os.getpid()}."
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process (or an absurd pid): assume it runs
+        return True
+    return True
+
+
+def stale_partials(path) -> list[str]:
+    """Work files of ``path`` (``<name>.<host>.<pid>.<random>.partial``) whose writer, a process of this host, no
+    longer runs (it was killed during a conversion). Work files of other hosts or unknown owners are not listed."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path) + "."
+    stale = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    for name in sorted(names):
+        if not (name.startswith(base) and name.endswith(PARTIAL_SUFFIX)):
+            continue
+        parts = name[len(base):-len(PARTIAL_SUFFIX)].split(".")
+        if len(parts) == 3 and parts[0] == _host() and parts[1].isdigit() and not _process_running(int(parts[1])):
+            stale.append(os.path.join(directory, name))
+    return stale
+
+
+def _new_file_mode(existing: Optional[str] = None) -> int:
+    """Mode ``open(path, "w")`` would leave: the existing file's mode, else ``0o666 & ~umask`` (mkstemp uses 0600)."""
+    if existing is not None and os.path.exists(existing):
+        return stat.S_IMODE(os.stat(existing).st_mode)
+    try:  # read the umask without changing it (Linux); os.umask() would change it for every thread for a moment
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _matkit_version() -> str:
@@ -74,26 +167,49 @@ class HDF5Writer:
         self.check_units = check_units
         self._buffer: list[Frame] = []
         self._closed = False
-        appending = mode == "a" and os.path.exists(self.path)
+        self._failure: Optional[BaseException] = None  # set when a write failed: the writer can only be aborted
+        self._file = None
+        self._fd: Optional[int] = None  # HDF5's descriptor of the file written, and its identity (os.fstat)
+        self._fd_stat = None
+        self._datasets: dict = {}  # open dataset handles, kept open so chunk writes fail in flush(), not in GC
+        self._existed = os.path.exists(self.path)
+        appending = mode == "a" and self._existed
         self.in_place = in_place and appending
         if appending:
             FrameFile(self.path).check()  # refuse to append to a corrupt or foreign file
-        if self.in_place:
-            self._work_path = self.path
-        else:
-            directory = os.path.dirname(os.path.abspath(self.path))
-            fd, self._work_path = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".partial",
-                                                   dir=directory)
-            os.close(fd)
-            if appending:
-                shutil.copyfile(self.path, self._work_path)
-        self._file = h5py.File(self._work_path, "r+" if appending else "w")
-        if not appending:
-            self._create_layout()
-        self.n_frames = int(self._file.attrs["n_frames"])
-        self.n_atoms_total = int(self._file.attrs["n_atoms_total"])
-        self.first_new_frame = self.n_frames
-        self._set_metadata(provenance, license)
+        self._work_path = self.path
+        try:
+            if not self.in_place:
+                for stale in stale_partials(self.path):
+                    try:
+                        os.remove(stale)
+                    except OSError:  # e.g. another user's: leave it, it does not collide with ours
+                        continue
+                    warnings.warn(f"{stale}: removed a stale work file left by a killed conversion", stacklevel=2)
+                fd, self._work_path = tempfile.mkstemp(prefix=_partial_prefix(self.path), suffix=PARTIAL_SUFFIX,
+                                                       dir=os.path.dirname(os.path.abspath(self.path)))
+                try:
+                    os.fchmod(fd, _new_file_mode(self.path if self._existed else None))
+                finally:
+                    os.close(fd)
+                if appending:
+                    shutil.copyfile(self.path, self._work_path)
+            self._file = h5py.File(self._work_path, "r+" if appending else "w")
+            self._fd = self._descriptor()
+            if not appending:
+                self._create_layout()
+            self.n_frames = int(self._file.attrs["n_frames"])
+            self.n_atoms_total = int(self._file.attrs["n_atoms_total"])
+            self.first_new_frame = self.n_frames
+            self._set_metadata(provenance, license)
+        except BaseException as err:
+            self._closed = True
+            if self._file is not None:
+                self._close_file(rollback=False)
+            self._remove_work_file()
+            if isinstance(err, _IO_ERRORS) and not isinstance(err, HDF5FormatError):
+                raise HDF5WriteError(self.path, err, self._unchanged()) from err
+            raise
 
     # -- layout
     def _dataset_options(self, shape_tail: tuple, chunk_rows: int) -> dict:
@@ -114,6 +230,7 @@ class HDF5Writer:
         dataset = self._file.create_dataset(name, shape=(rows,) + shape_tail, dtype=dtype, **options)
         if rows and fill is not None:
             dataset[:rows] = fill
+        self._datasets[name] = dataset
         return dataset
 
     def _create_layout(self) -> None:
@@ -158,12 +275,16 @@ class HDF5Writer:
         attrs["created_with"] = f"matkit {_matkit_version()}"
 
     # -- adding frames
-    def add(self, frame: Frame) -> None:
-        """Validate ``frame`` (errors name its index in the file) and buffer it; writes every ``flush_frames``."""
-        if self._closed:
-            raise RuntimeError("writer is closed")
+    def add(self, frame: Frame, where: Optional[str] = None) -> None:
+        """Validate ``frame`` and buffer it; writes every ``flush_frames``.
+
+        Validation errors name the frame's index in the file, or ``where`` (e.g. ``"data.json: frame 7"``: its place
+        in the source) when given, and its id.
+        """
+        if self._closed or self._failure is not None:
+            raise RuntimeError(f"{self.path}: writer is closed" + (" after a failed write" if self._failure else ""))
         index = self.n_frames + len(self._buffer)
-        self._buffer.append(validate_frame(frame, index, check_units=self.check_units))
+        self._buffer.append(validate_frame(frame, index if where is None else where, check_units=self.check_units))
         if len(self._buffer) >= self.flush_frames:
             self.flush()
 
@@ -172,24 +293,63 @@ class HDF5Writer:
             self.add(frame)
 
     def flush(self) -> None:
-        """Append the buffered frames, then commit the counts; on error shrink back to the committed counts."""
+        """Append the buffered frames, then commit the counts; on error shrink back to the committed counts.
+
+        A failed write (disk full, file-size limit: OSError/RuntimeError from HDF5) raises :class:`HDF5WriteError`;
+        the writer is then finished: a work file is closed with its writes discarded (see :meth:`_discard_writes`),
+        an in-place append is rolled back. Other errors (e.g. a per-atom property whose shape differs from the
+        file's) roll back this chunk and leave the writer usable.
+        """
+        if self._failure is not None:
+            raise RuntimeError(f"{self.path}: writer is closed after a failed write")
         if not self._buffer:
             return
         frames, self._buffer = self._buffer, []
+        n_new_atoms = sum(f.n_atoms for f in frames)
         try:
             self._append(frames)
-        except BaseException:
-            self._rollback()
-            raise
-        n_new_atoms = sum(f.n_atoms for f in frames)
-        self._file.attrs["n_atoms_total"] = self.n_atoms_total + n_new_atoms  # commit point: counts last
-        self._file.attrs["n_frames"] = self.n_frames + len(frames)
-        self._file.flush()
+            self._file.attrs["n_atoms_total"] = self.n_atoms_total + n_new_atoms  # commit point: counts last
+            self._file.attrs["n_frames"] = self.n_frames + len(frames)
+            self._file.flush()
+        except BaseException as err:
+            failure = self._after_failed_write(err)
+            if failure is None:
+                raise
+            raise failure from err
         self.n_atoms_total += n_new_atoms
         self.n_frames += len(frames)
 
+    def _after_failed_write(self, err: BaseException) -> Optional[HDF5WriteError]:
+        """Recover from an exception raised while writing: roll back, or give up on the file after an I/O failure.
+
+        Returns the :class:`HDF5WriteError` to raise for an I/O failure, None to re-raise ``err`` unchanged.
+        """
+        if not isinstance(err, _IO_ERRORS):
+            try:
+                self._rollback()
+                return None
+            except _IO_ERRORS as rollback_err:  # the data error came with a failing disk
+                err = rollback_err
+        if not self.in_place:  # the work file is thrown away: stop writing to it at once
+            self._failure = HDF5WriteError(self.path, err, self._unchanged())
+            self._close_file(rollback=False)
+            return self._failure
+        try:
+            self._rollback()
+            outcome = "the frames of this append were rolled back, the file is otherwise unchanged"
+        except _IO_ERRORS:
+            outcome = "rolling back the in-place append failed too: check the file with 'matkit data info --verify'"
+        self._failure = HDF5WriteError(self.path, err, outcome)
+        self._close_file(rollback=False)
+        return self._failure
+
+    def _unchanged(self) -> str:
+        return "the existing file is unchanged" if self._existed else "no file was created"
+
     def _grow(self, name: str, rows: np.ndarray, start: int) -> None:
-        dataset = self._file[name]
+        dataset = self._datasets.get(name)
+        if dataset is None:
+            dataset = self._datasets[name] = self._file[name]
         dataset.resize(start + len(rows), axis=0)
         dataset[start:start + len(rows)] = rows
 
@@ -239,7 +399,7 @@ class HDF5Writer:
             self._grow(path, np.concatenate(rows), a0)
 
     def _rollback(self) -> None:
-        """Shrink every dataset back to the committed counts (drops a partially written append)."""
+        """Shrink every dataset and the counts back to the committed sizes (drops a partially written append)."""
         def shrink(name, obj):
             if isinstance(obj, h5py.Dataset):
                 rows = self.n_atoms_total if name.startswith("atoms/") else self.n_frames
@@ -247,13 +407,83 @@ class HDF5Writer:
                     obj.resize(rows, axis=0)
 
         self._file.visititems(shrink)
+        self._file.attrs["n_atoms_total"] = self.n_atoms_total
+        self._file.attrs["n_frames"] = self.n_frames
         self._file.flush()
+
+    def _discard_writes(self) -> None:
+        """Send HDF5's further writes to this file to /dev/null.
+
+        After a failed write (disk full, file-size limit) HDF5 cannot close the file: every flush fails again, the
+        close leaves the library in a broken state and the process dies with a segmentation fault at exit. For a
+        file that is thrown away anyway (or already damaged), pointing its descriptor at /dev/null lets HDF5 close
+        it cleanly; the data written so far is untouched on disk.
+        """
+        try:  # only while the descriptor is still the file's (not closed, its number not reused, not yet discarded)
+            if self._fd is None or not os.path.samestat(os.fstat(self._fd), self._fd_stat):
+                return
+        except OSError:
+            return
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, self._fd)
+        finally:
+            os.close(null)
+
+    def _descriptor(self) -> Optional[int]:
+        """The OS file descriptor HDF5 writes through, asked while the file is healthy (HDF5 may crash when asked
+        after a failed write); None unless it is verifiably the work file's."""
+        try:
+            fd = int(self._file.id.get_vfd_handle())
+            self._fd_stat = os.fstat(fd)
+            if os.path.samestat(self._fd_stat, os.stat(self._work_path)):
+                return fd
+        except Exception:  # pragma: no cover - drivers without a single descriptor
+            pass
+        return None
+
+    def _close_file(self, rollback: bool) -> None:
+        """Close the HDF5 file without raising (optionally rolling back first); on failure discard writes, retry."""
+        self._buffer = []
+        if self._file is None or not self._file.id.valid:
+            return
+        if rollback:
+            try:
+                self._rollback()
+            except Exception:
+                pass
+        try:
+            if self._failure is not None and self._work_path != self.path:
+                self._discard_writes()  # the work file is lost: nothing more needs to reach the disk
+            self._file.close()
+        except Exception:
+            if self._file.id.valid:
+                self._discard_writes()
+                try:
+                    self._file.close()
+                except Exception:  # pragma: no cover - nothing more can be done; the caller reports the error
+                    pass
+        self._datasets = {}
+
+    def _remove_work_file(self) -> None:
+        if self._work_path != self.path:
+            try:
+                os.remove(self._work_path)
+            except FileNotFoundError:
+                pass
 
     # -- finishing
     def close(self) -> None:
-        """Write the remaining frames, record provenance and the content hash, and move the file into place."""
+        """Write the remaining frames, record provenance and the content hash, and move the file into place.
+
+        On any error (including KeyboardInterrupt) the writer is aborted (work file removed, in-place append rolled
+        back) and the error re-raised; a failed write raises :class:`HDF5WriteError`.
+        """
         if self._closed:
             return
+        if self._failure is not None:
+            self.abort()
+            raise self._failure
         try:
             self.flush()
             entry = dict(self._provenance_entry, frames=[self.first_new_frame, self.n_frames])
@@ -262,27 +492,27 @@ class HDF5Writer:
             self._file.attrs["provenance"] = json.dumps(provenance, default=str)
             self._file.attrs["content_sha256"] = content_hash(self._file)
             self._file.close()
-        except BaseException:
+            self._datasets = {}
+            if self._work_path != self.path:
+                os.replace(self._work_path, self.path)
+        except BaseException as err:
+            if isinstance(err, _IO_ERRORS) and not isinstance(err, HDF5WriteError):
+                self._failure = HDF5WriteError(
+                    self.path, err, self._unchanged() if not self.in_place else
+                    "the in-place append was rolled back if possible: check the file with 'matkit data info --verify'")
             self.abort()
+            if self._failure is not None and self._failure is not err:
+                raise self._failure from err
             raise
         self._closed = True
-        if self._work_path != self.path:
-            os.replace(self._work_path, self.path)
 
     def abort(self) -> None:
-        """Drop the frames of this writer: delete the temporary file, or roll back an in-place append."""
+        """Drop the frames of this writer: delete the work file, or roll back an in-place append. Never raises."""
         if self._closed:
             return
         self._closed = True
-        self._buffer = []
-        try:
-            if self.in_place and self._file.id.valid:
-                self._rollback()
-        finally:
-            if self._file.id.valid:
-                self._file.close()
-            if self._work_path != self.path and os.path.exists(self._work_path):
-                os.remove(self._work_path)
+        self._close_file(rollback=self.in_place)
+        self._remove_work_file()
 
     def __enter__(self) -> "HDF5Writer":
         return self
@@ -321,10 +551,22 @@ def content_hash(h5: h5py.File) -> str:
 
 
 def verify_file(path) -> str:
-    """Check structure and recompute the content hash; return the hash or raise :class:`HDF5FormatError`."""
+    """Check a file completely; return its content hash or raise :class:`HDF5FormatError` for the first problem.
+
+    Checks, in order: the structure (schema, keys, row counts, per-row shapes; :meth:`FrameFile.check`), the values
+    frame by frame (:func:`check_values`: finite positions, cells and present labels, missing labels NaN, atomic
+    numbers 1..118), then the stored content hash. A file whose hash matches can still be wrong (written by a
+    faulty tool, or tampered with and re-hashed), hence the value checks. The message is one line naming the file,
+    the dataset and the frame (index and id).
+    """
     frames = FrameFile(path)
-    frames.check()
+    try:
+        frames.check()
+        offsets, n_atoms = frames.index
+    finally:
+        frames.close()
     with frames._open_raw() as h5:
+        check_values(h5, offsets, n_atoms, frames.path)
         stored = str(h5.attrs["content_sha256"])
         actual = content_hash(h5)
     if stored != actual:
@@ -333,10 +575,86 @@ def verify_file(path) -> str:
     return actual
 
 
+def check_values(h5: h5py.File, offsets: np.ndarray, n_atoms: np.ndarray, path: str,
+                 atoms_per_block: int = 1 << 20) -> None:
+    """Raise :class:`HDF5FormatError` for the first frame whose values break the schema.
+
+    Per atom: positions finite, atomic_numbers in 1..118, forces finite where ``has_forces`` and NaN where not,
+    extra per-atom properties not infinite (NaN = missing). Per frame: cell finite, energy and stress finite where
+    ``has_energy`` / ``has_stress`` and NaN where not, extra properties not infinite. Reads blocks of about
+    ``atoms_per_block`` atoms, so memory stays bounded for any file size.
+    """
+    n = len(n_atoms)
+    frame_props = sorted(h5["frames/properties"]) if "frames/properties" in h5 else []
+    atom_props = sorted(h5["atoms/properties"]) if "atoms/properties" in h5 else []
+    f0 = 0
+    while f0 < n:
+        a0 = int(offsets[f0])
+        f1 = max(f0 + 1, min(n, int(np.searchsorted(offsets, a0 + atoms_per_block, side="right")) - 1, f0 + 65536))
+        a1 = int(offsets[f1 - 1] + n_atoms[f1 - 1])
+        frame_of_atom = np.repeat(np.arange(f0, f1), n_atoms[f0:f1])
+        problems = []  # (frame, order, key, what)
+
+        def report(key: str, bad: np.ndarray, what: str, per_atom: bool) -> None:
+            bad = bad.reshape(len(bad), -1).any(axis=1) if bad.ndim > 1 else bad
+            if bad.any():
+                first = int(np.argmax(bad))
+                problems.append((int(frame_of_atom[first]) if per_atom else f0 + first, len(problems), key, what))
+
+        def frame_rows(key):
+            return h5[key][f0:f1]
+
+        def atom_rows(key):
+            return h5[key][a0:a1]
+
+        has = {label: frame_rows(f"frames/has_{label}").astype(bool) for label in LABELS}
+        report("atoms/positions", ~np.isfinite(atom_rows("atoms/positions")), "is NaN or inf", True)
+        numbers = atom_rows("atoms/atomic_numbers")
+        report("atoms/atomic_numbers", (numbers < 1) | (numbers > 118), "is outside 1..118", True)
+        report("frames/cell", ~np.isfinite(frame_rows("frames/cell")), "is NaN or inf", False)
+        for label, key, per_atom in (("energy", "frames/energy", False), ("forces", "atoms/forces", True),
+                                     ("stress", "frames/stress", False)):
+            values = atom_rows(key) if per_atom else frame_rows(key)
+            present = np.repeat(has[label], n_atoms[f0:f1]) if per_atom else has[label]
+            values = values.reshape(len(values), -1)
+            report(key, present & ~np.isfinite(values).all(axis=1), f"is NaN or inf but has_{label} is True",
+                   per_atom)
+            report(key, ~present & ~np.isnan(values).all(axis=1),
+                   f"holds a value but has_{label} is False (a missing label must be NaN)", per_atom)
+        for name in frame_props:
+            report(f"frames/properties/{name}", np.isinf(frame_rows(f"frames/properties/{name}")), "is inf", False)
+        for name in atom_props:
+            report(f"atoms/properties/{name}", np.isinf(atom_rows(f"atoms/properties/{name}")), "is inf", True)
+        if problems:
+            frame, _, key, what = min(problems)
+            frame_id = h5["frames/ids"].asstr()[frame]
+            raise HDF5FormatError(f"{path}: frame {frame}" + (f" (id {frame_id!r})" if frame_id else "")
+                                  + f": {key!r} {what}")
+        f0 = f1
+
+
 # --------------------------------------------------------------------------------------------------- reading
 _REQUIRED = ("atoms/positions", "atoms/atomic_numbers", "atoms/forces", "frames/offsets", "frames/n_atoms",
              "frames/cell", "frames/pbc", "frames/energy", "frames/stress", "frames/has_energy",
              "frames/has_forces", "frames/has_stress")
+#: shape of one row of a dataset; the per-frame datasets not listed (offsets, n_atoms, energy, has_*, ids, groups,
+#: sources, properties/*) have scalar rows, atoms/properties/* may have any row shape
+_ROW_SHAPES = {"atoms/positions": (3,), "atoms/atomic_numbers": (), "atoms/forces": (3,), "frames/cell": (3, 3),
+               "frames/pbc": (3,), "frames/stress": (6,)}
+
+
+def _first_frame_without(h5: h5py.File, n_frames: int, rows: int, per_atom: bool) -> str:
+    """``frame f (id '...')`` for the first frame not covered by the first ``rows`` rows of a dataset, best effort
+    (the frame table itself may be damaged)."""
+    frame = min(rows, n_frames)
+    try:
+        if per_atom:
+            ends = h5["frames/offsets"][:n_frames] + h5["frames/n_atoms"][:n_frames]
+            frame = int(np.argmax(ends > rows)) if (ends > rows).any() else n_frames
+        frame_id = h5["frames/ids"].asstr()[frame] if frame < n_frames else ""
+    except Exception:  # noqa: BLE001 - only for the message
+        frame_id = ""
+    return f"frame {frame}" + (f" (id {frame_id!r})" if frame_id else "")
 
 
 class FrameFile:
@@ -429,10 +747,25 @@ class FrameFile:
         for key in _REQUIRED + tuple(f"frames/{k}" for k in STRING_KEYS):
             if key not in h5:
                 raise HDF5FormatError(f"{self.path}: missing dataset {key!r}")
-            rows = n_atoms if key.startswith("atoms/") else n_frames
-            if h5[key].shape[0] < rows:
-                raise HDF5FormatError(f"{self.path}: dataset {key!r} has {h5[key].shape[0]} rows, the file "
-                                      f"header says {rows}")
+        extra = [f"{group}/{name}" for group in ("frames/properties", "atoms/properties") if group in h5
+                 for name in h5[group]]
+        for key in _REQUIRED + tuple(f"frames/{k}" for k in STRING_KEYS) + tuple(extra):
+            dataset = h5[key]
+            if not isinstance(dataset, h5py.Dataset):
+                raise HDF5FormatError(f"{self.path}: {key!r} is not a dataset")
+            per_atom = key.startswith("atoms/")
+            rows = n_atoms if per_atom else n_frames
+            have = dataset.shape[0] if dataset.ndim else 0
+            if have < rows:
+                first = _first_frame_without(h5, n_frames, have, per_atom)
+                raise HDF5FormatError(f"{self.path}: dataset {key!r} has {have} rows, the file header says {rows}: "
+                                      f"the rows of every frame from {first} on are missing")
+            tail = _ROW_SHAPES.get(key, None if per_atom else ())
+            if tail is not None and dataset.shape[1:] != tail:
+                raise HDF5FormatError(f"{self.path}: dataset {key!r} has shape {dataset.shape}, expected "
+                                      f"{(dataset.shape[0],) + tail} (a row of shape {tail} per "
+                                      f"{'atom' if per_atom else 'frame'}): wrong for every frame from "
+                                      f"{_first_frame_without(h5, n_frames, 0, per_atom)} on")
 
     def check(self) -> None:
         """Full structural check, including offsets/n_atoms consistency (reads the index)."""

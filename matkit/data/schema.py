@@ -131,18 +131,9 @@ def voigt_from_matrix(stress: np.ndarray) -> np.ndarray:
     return np.array([stress[a, b] for a, b in VOIGT_PAIRS])
 
 
-def matrix_from_voigt(voigt: np.ndarray) -> np.ndarray:
-    """(..., 6) ASE Voigt -> (..., 3, 3) symmetric."""
-    voigt = np.asarray(voigt)
-    out = np.empty(voigt.shape[:-1] + (3, 3), dtype=voigt.dtype)
-    for k, (a, b) in enumerate(VOIGT_PAIRS):
-        out[..., a, b] = voigt[..., k]
-        out[..., b, a] = voigt[..., k]
-    return out
-
-
-def _where(index: int, frame: Frame) -> str:
-    return f"frame {index}" + (f" (id {frame.id!r})" if frame.id else "")
+def _where(index, frame: Frame) -> str:
+    """``frame <index> (id '<id>')``; a str ``index`` names the place itself (e.g. ``"data.json: frame 7"``)."""
+    return (index if isinstance(index, str) else f"frame {index}") + (f" (id {frame.id!r})" if frame.id else "")
 
 
 def _float_array(value, key: str, shape: tuple, where: str) -> np.ndarray:
@@ -160,10 +151,11 @@ def _float_array(value, key: str, shape: tuple, where: str) -> np.ndarray:
     return array
 
 
-def validate_frame(frame: Frame, index: int, check_units: bool = True) -> Frame:
+def validate_frame(frame: Frame, index, check_units: bool = True) -> Frame:
     """Check one frame and return a copy with normalised dtypes (float64, int32, bool, Voigt stress).
 
-    Raises :class:`FrameValidationError` naming ``index`` (and ``frame.id``) and the offending key.
+    Raises :class:`FrameValidationError` naming ``index`` (an int: "frame <index>"; a str: used as given) and
+    ``frame.id``, and the offending key.
     """
     where = _where(index, frame)
     positions = np.asarray(frame.positions)
