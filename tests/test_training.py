@@ -427,3 +427,14 @@ def test_stress_loss_on_crystals_batched_with_a_molecule_has_finite_gradients():
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     assert model.radial[0].weight.grad.abs().sum() > 0
+
+
+def test_helpers_moved_out_of_the_trainer_stay_importable_from_it():
+    from matkit.training import prepare, run_log, state, trainer
+
+    for module, names in ((prepare, ["random_split", "freeze_parameters", "check_hparams"]),
+                          (state, ["rng_state", "set_rng_state", "TRAINING_STATE_VERSION"]),
+                          (run_log, ["CSV_COLUMNS"])):
+        for name in names:
+            assert getattr(trainer, name) is getattr(module, name), name
+            assert name in trainer.__all__

@@ -152,7 +152,6 @@ def test_trainer_frees_the_ddp_wrapper_before_destroying_the_process_group(tmp_p
     trainer = trainer_module.Trainer.__new__(trainer_module.Trainer)
     trainer.model = torch.nn.Linear(3, 1)
     trainer.ddp_model = DistributedDataParallel(trainer.model)
-    trainer._handlers = []
     wrapper = weakref.ref(trainer.ddp_model)
     seen = []
 

@@ -18,6 +18,11 @@ class LRSchedule:
     ``cosine``: ``min_ratio + (1 - min_ratio) * (1 + cos(pi * t)) / 2`` with ``t`` the fraction of the
     post-warm-up steps done (``total_steps`` in all). ``plateau``: a factor multiplied by ``factor`` each time
     the validation loss has not improved (relative 1e-4) for ``patience`` epochs. ``constant``: 1.
+
+    ``torch.optim.lr_scheduler`` is not used: ``LambdaLR`` computes ``base_lr * (warmup * plateau factor)``, which
+    rounds differently from ``(base_lr * warmup) * factor`` here when a plateau cut falls in the warm-up,
+    ``ReduceLROnPlateau`` rescales the current rate in place (which the warm-up overwrites every step), and their
+    step counters and state dicts would change the ``schedule`` entry of existing checkpoints.
     """
 
     def __init__(self, optimizer, base_lr: float, kind: str, total_steps: int, warmup_steps: int = 0,
@@ -73,7 +78,12 @@ class LRSchedule:
 class ExponentialMovingAverage:
     """EMA of the trainable parameters: ``shadow <- d * shadow + (1 - d) * param`` after every step with
     ``d = min(decay, (1 + n) / (10 + n))`` (n = updates so far, a warm-up that lets early averages follow
-    the fast initial changes)."""
+    the fast initial changes).
+
+    ``torch.optim.swa_utils.AveragedModel`` is not used: it copies the weights on its first update instead of
+    averaging them with the initial ones, keeps a deep copy of the whole module (frozen parameters and buffers
+    included), and its state dict (``module.``-prefixed keys, ``n_averaged``) differs from the ``ema`` entry
+    ``{decay, num_updates, shadow}`` of existing checkpoints."""
 
     def __init__(self, named_parameters: Iterable[Tuple[str, torch.nn.Parameter]], decay: float):
         self.decay = float(decay)
