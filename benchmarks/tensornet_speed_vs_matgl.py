@@ -30,13 +30,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from tensornet_speed_vs_torchmdnet import average_rounds, median_times, si  # noqa: E402
+from tensornet_speed_vs_torchmdnet import average_rounds, md_seconds_per_step, median_times, si  # noqa: E402
 from tensornet_vs_matgl import MODELS, default_matgl_dir  # noqa: E402
 
 POTENTIAL = "tensornet-matpes-pbe"
@@ -45,11 +44,7 @@ POTENTIAL = "tensornet-matpes-pbe"
 def worker(side: str, folder: str, sizes, md_steps: int) -> None:
     import resource
 
-    import numpy as np
     import torch
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
     torch.set_num_threads(1)
     if side == "matkit":
@@ -74,16 +69,8 @@ def worker(side: str, folder: str, sizes, md_steps: int) -> None:
             print("RESULT " + json.dumps(dict(side=version, system=f"Si{len(atoms)}", mode=mode, wall=wall, cpu=cpu,
                                               rss=rss)), flush=True)
     if md_steps:
-        atoms = si(2)
-        atoms.calc = calc
-        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-        dyn = Langevin(atoms, 1.0 * units.fs, temperature_K=300, friction=0.01, rng=np.random.default_rng(1))
-        dyn.run(5)
-        t, c = time.perf_counter(), time.process_time()
-        dyn.run(md_steps)
-        wall, cpu = time.perf_counter() - t, time.process_time() - c
-        print("RESULT " + json.dumps(dict(side=version, system="Si64", mode="MD", wall=wall / md_steps,
-                                          cpu=cpu / md_steps,
+        wall, cpu = md_seconds_per_step(calc, md_steps)
+        print("RESULT " + json.dumps(dict(side=version, system="Si64", mode="MD", wall=wall, cpu=cpu,
                                           rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)), flush=True)
 
 

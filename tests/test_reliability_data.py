@@ -20,9 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from matkit.data import Frame, FrameFile, HDF5FormatError, HDF5Writer, convert, verify_file
+from matkit.data import FrameFile, HDF5FormatError, HDF5Writer, convert, verify_file
 from matkit.data.converters import BadItemError, SkippedFrameWarning, read_mp20csv
 from matkit.data.hdf5 import content_hash, stale_partials
+from test_data_errors import make_frame, write
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,20 +31,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def fixture(name):
     return os.path.join(FIXTURES, name)
-
-
-def make_frame(n=4, seed=0, **overrides):
-    rng = np.random.default_rng(seed)
-    values = dict(positions=rng.uniform(0, 4, (n, 3)), atomic_numbers=np.full(n, 14), cell=np.eye(3) * 4.0,
-                  pbc=[True] * 3, energy=-4.0 * n + rng.normal(), forces=rng.normal(size=(n, 3)),
-                  stress=rng.normal(size=6) * 1e-3, id=f"f{seed}")
-    values.update(overrides)
-    return Frame(**values)
-
-
-def write(path, frames, **options):
-    with HDF5Writer(path, **options) as writer:
-        writer.add_many(frames)
 
 
 def matkit_cli(args, file_size_limit=None, **popen):

@@ -40,11 +40,11 @@ __all__ = ["BatchedRelaxer", "batched_relax", "RelaxFailure"]
 
 
 class RelaxFailure(ValueError):
-    """A structure that could not be relaxed: ``index`` is its position in the input, the message says why."""
+    """A structure that could not be relaxed: ``index`` is its position in the input, ``reason`` says why."""
 
-    def __init__(self, index: int, message: str):
-        super().__init__(f"structure {index}: {message}")
-        self.index = index
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"structure {index}: {reason}")
+        self.index, self.reason = index, reason
 
 
 class _Pool:

@@ -75,11 +75,11 @@ def _add_hull(sub) -> None:
                                    "given entries (for new materials without DFT labels). Entries: pymatgen "
                                    "ComputedEntry JSON (e.g. an MP export; energies on the MP2020-corrected scale) or "
                                    "a labels file with formation energies (MP-20 .h5/.csv).")
-    p.add_argument("predictions", type=Path, help="run directory or prediction CSV (material_id, e_form_per_atom_*)")
+    p.add_argument("run_dir", type=Path, help="run directory of 'matkit discovery run' (its records hold the "
+                                              "compositions and formation energies)")
     p.add_argument("--entries", "-e", type=Path, required=True)
     p.add_argument("--out", "-o", type=Path, required=True, help="CSV to write")
-    p.add_argument("--references", type=Path, default=None, help="recompute a run's formation energies with these")
-    p.add_argument("--column", default=None, help="formation-energy column of the predictions CSV")
+    p.add_argument("--references", type=Path, default=None, help="recompute the run's formation energies with these")
     p.set_defaults(func=_cmd_hull)
 
 
@@ -166,17 +166,22 @@ def _predictions(source: Path, column=None, references=None):
     from .io import read_predictions
 
     if source.is_dir():
-        from .runner import merge_records, recompute_formation_energies
+        from .runner import merge_records
 
-        records = merge_records(source)
-        if references is None:
-            return records["e_form_per_atom"]
-        from .references import ReferenceFit
-
-        return recompute_formation_energies(records, ReferenceFit.load(references))
+        return _record_predictions(merge_records(source), references)
     if references is not None:
         raise ValueError("--references needs a run directory (the records hold the energies and structures)")
     return read_predictions(source, column)
+
+
+def _record_predictions(records, references=None):
+    """The formation energies of merged run records, recomputed with fitted references if given."""
+    if references is None:
+        return records["e_form_per_atom"]
+    from .references import ReferenceFit
+    from .runner import recompute_formation_energies
+
+    return recompute_formation_energies(records, ReferenceFit.load(references))
 
 
 def _cmd_fit_references(args) -> int:
@@ -213,15 +218,11 @@ def _cmd_fit_references(args) -> int:
 def _cmd_hull(args) -> int:
     from .hull import hull_distances, read_hull_entries
 
-    preds = _predictions(args.predictions, args.column, args.references)
-    if args.predictions.is_dir():
-        from .runner import merge_records
+    from .runner import merge_records
 
-        formulas = merge_records(args.predictions)["formula"]
-    else:
-        raise SystemExit("error: 'matkit discovery hull' needs a run directory (compositions come from its records)")
+    records = merge_records(args.run_dir)
     entries = read_hull_entries(args.entries)
-    out = hull_distances(entries, formulas, preds)
+    out = hull_distances(entries, records["formula"], _record_predictions(records, args.references))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out.to_csv(args.out)
     n_ok = int(out["e_above_hull_pred"].notna().sum())

@@ -291,7 +291,7 @@ def _run_batched(model, todo, settings, spec: RunSpec, write) -> None:
     for index, outcome in relaxer.irelax((atoms for _, atoms in todo), errors="yield"):
         mid = todo[index][0]
         if isinstance(outcome, RelaxFailure):
-            write(mid, err=ValueError(str(outcome).split(": ", 1)[-1]))
+            write(mid, err=ValueError(outcome.reason))
         else:
             write(mid, outcome)
 
