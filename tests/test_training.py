@@ -263,6 +263,7 @@ def test_finetune_keeps_frozen_modules_and_output_transform(tmp_path):
     graphs = mlearn_si_graphs(12, dtype=torch.float32)
     config = config_from_dict({
         "finetune": {"from_checkpoint": str(tmp_path / "start.pt"), "freeze": ["embedding", "radial.0"]},
+        "model": {"reference_energies": "keep"},  # the default, refit, is tested in test_finetune.py
         "data": {"batch_size": 4}, "optim": {"lr": 1e-2, "epochs": 1},
         "run": {"out_dir": str(tmp_path / "ft"), "parity_plots": False}})
     train(config, train_dataset=GraphListDataset(graphs))

@@ -41,12 +41,15 @@ class ModelConfig:
     ``name`` is a registered model name (``matkit.available()``); ``hparams`` its keyword hyperparameters
     (``species`` defaults to the elements of the training data, ``cutoff`` in Å to the model's default).
     ``module`` is an optional Python module imported first, so models defined outside matkit can register.
-    ``reference_energies``: ``fit`` (least squares on the training split), ``keep`` (from the checkpoint when
-    fine-tuning, zeros otherwise) or a mapping ``{atomic number or symbol: eV}``.
+    ``reference_energies``: ``fit`` (least squares on the training split), ``refit`` (fine-tuning: the
+    checkpoint's values corrected by least squares on the loaded model's residuals over the training split, so
+    that data on another DFT energy scale starts from matching totals; elements absent from the data keep their
+    values), ``keep`` (from the checkpoint when fine-tuning, zeros otherwise) or a mapping
+    ``{atomic number or symbol: eV}``.
     ``scale``: ``rms_forces``, ``rms_energy`` (RMS per-atom energy residual after the reference energies),
     ``keep`` or a number. ``shift``: ``mean_energy`` (mean per-atom residual), ``keep`` or a number (eV).
-    Unset (null), they default to ``fit`` / ``rms_forces`` / ``mean_energy`` for a new model and to ``keep``
-    when fine-tuning.
+    Unset (null), they default to ``fit`` / ``rms_forces`` / ``mean_energy`` for a new model and to ``refit`` /
+    ``keep`` / ``keep`` when fine-tuning (``refit`` falls back to ``keep`` when no training structure has an energy).
     """
 
     name: Optional[str] = None
@@ -59,7 +62,7 @@ class ModelConfig:
     def resolved(self, finetuning: bool):
         """``(reference_energies, scale, shift)`` settings with the defaults filled in."""
         if finetuning:
-            defaults = ("keep", "keep", "keep")
+            defaults = ("refit", "keep", "keep")
         else:
             defaults = ("fit", "rms_forces", "mean_energy")
         values = (self.reference_energies, self.scale, self.shift)
@@ -150,7 +153,10 @@ class RunConfig:
 @dataclass
 class FinetuneConfig:
     """Start from the weights of ``from_checkpoint`` (its model and hyperparameters) and keep the parameters
-    whose names start with any prefix in ``freeze`` fixed (e.g. ``[embedding, interactions.0]``)."""
+    whose names start with any prefix in ``freeze`` fixed (e.g. ``[embedding, interactions.0]``).
+
+    ``from_checkpoint`` is a checkpoint path or a bundled potential's name (``tensornet-matpes-pbe``); the
+    model keeps all its elements, also those the fine-tuning data lacks."""
 
     from_checkpoint: Optional[str] = None
     freeze: List[str] = field(default_factory=list)
@@ -206,8 +212,11 @@ class TrainConfig:
                                   and math.isfinite(cutoff) and cutoff > 0), "model.hparams.cutoff",
                f"must be a positive number of Å, got {type(cutoff).__name__} {cutoff!r}")
         refs = self.model.reference_energies
-        _check(refs is None or not isinstance(refs, str) or refs in ("fit", "keep"), "model.reference_energies",
-               f"must be 'fit', 'keep' or a mapping {{element: eV}}, got {refs!r}")
+        _check(refs is None or not isinstance(refs, str) or refs in ("fit", "refit", "keep"),
+               "model.reference_energies", f"must be 'fit', 'refit', 'keep' or a mapping {{element: eV}}, got {refs!r}")
+        _check(refs != "refit" or self.finetune.from_checkpoint, "model.reference_energies",
+               "'refit' corrects a loaded model's reference energies: give finetune.from_checkpoint (a new model "
+               "uses 'fit')")
         return self
 
 

@@ -20,7 +20,7 @@ import torch
 from ..models import build, get_class
 from .config import _YAML11_FLOAT, ConfigError, TrainConfig
 from .datasets import dataset_fingerprint, dataset_species, load_dataset, scan_labels
-from .stats import collect_statistics, resolve_reference_energies, resolve_scale_shift
+from .stats import collect_statistics, refit_reference_energies, resolve_reference_energies, resolve_scale_shift
 
 log = logging.getLogger("matkit.training")
 
@@ -142,7 +142,7 @@ def build_model(config: TrainConfig, train_dataset, files: DatasetFiles):
         if config.model.hparams:
             raise ConfigError("config key 'model.hparams' must be empty when fine-tuning: the model's "
                               "hyperparameters come from finetune.from_checkpoint")
-        model, payload = load_checkpoint(config.finetune.from_checkpoint, return_payload=True)
+        model, payload = load_checkpoint(finetune_source(config.finetune.from_checkpoint), return_payload=True)
         if config.model.name and config.model.name != payload["model"]:
             raise ConfigError(f"config key 'model.name' is {config.model.name!r} but "
                               f"{config.finetune.from_checkpoint} holds a {payload['model']!r} model")
@@ -168,6 +168,20 @@ def build_model(config: TrainConfig, train_dataset, files: DatasetFiles):
     except (TypeError, ValueError, KeyError) as err:
         raise ConfigError(f"config key 'model.hparams': {err}") from err
     return model, None
+
+
+def finetune_source(name_or_path: str) -> Path:
+    """The checkpoint file of ``finetune.from_checkpoint``: an existing path, else a bundled potential's name."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    from ..potentials import checkpoint_path, list_potentials
+
+    try:
+        return checkpoint_path(str(name_or_path))
+    except FileNotFoundError:
+        raise ConfigError(f"config key 'finetune.from_checkpoint': {name_or_path!r} is neither a file nor a "
+                          f"bundled potential ({', '.join(list_potentials())})") from None
 
 
 # ---- the data ---------------------------------------------------------------------------------------------------
@@ -298,12 +312,19 @@ def fit_output_transform(config: TrainConfig, model, train_full, train_indices: 
                          finetuning: bool) -> None:
     """Set the model's per-element reference energies (eV), output scale and shift (eV/atom) as
     config keys ``model.reference_energies`` / ``model.scale`` / ``model.shift`` say: fitted on the training
-    split, kept, or given. ``finetuning``: the model came from ``finetune.from_checkpoint`` (defaults: keep)."""
+    split, refitted, kept, or given. ``finetuning``: the model came from ``finetune.from_checkpoint``."""
     refs_setting, scale_setting, shift_setting = config.model.resolved(finetuning)
     try:  # the data or the settings do not fit the model (unknown elements, no energy labels, bad names)
         stats = collect_statistics(train_full, train_indices, model.species)
+        if refs_setting == "refit" and len(stats.energies) == 0:
+            log.warning("model.reference_energies: refit needs energy labels; none in the training split, keeping "
+                        "the checkpoint's reference energies")
+            refs_setting = "keep"
+        if refs_setting == "refit":
+            refit_reference_energies(model, train_full, train_indices)
         current = model.atomic_reference_energies.detach().cpu().numpy()
-        refs = resolve_reference_energies(refs_setting, model.species, stats, current)
+        refs = resolve_reference_energies("keep" if refs_setting == "refit" else refs_setting, model.species,
+                                          stats, current)
         scale, shift = resolve_scale_shift(scale_setting, shift_setting, stats, refs,
                                            float(model.scale), float(model.shift))
     except (ValueError, KeyError) as err:
@@ -317,6 +338,9 @@ def fit_output_transform(config: TrainConfig, model, train_full, train_indices: 
         model.shift.fill_(shift)
     from ase.data import chemical_symbols
 
-    log.info("reference energies (%s, eV): %s", refs_setting,
-             ", ".join(f"{chemical_symbols[z]} {e:.6f}" for z, e in zip(model.species, refs)))
+    in_data = stats.counts.sum(axis=0) > 0 if len(stats.energies) else np.ones(len(refs), dtype=bool)
+    others = int((~in_data).sum())
+    log.info("reference energies (%s, eV): %s%s", refs_setting,
+             ", ".join(f"{chemical_symbols[z]} {e:.6f}" for z, e, shown in zip(model.species, refs, in_data) if shown),
+             f" (and {others} elements not in the training data)" if others else "")
     log.info("output scale %.6g (%s), shift %.6g eV/atom (%s)", scale, scale_setting, shift, shift_setting)
