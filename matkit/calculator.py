@@ -1,6 +1,8 @@
 """ASE calculator for matkit potentials."""
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -12,6 +14,8 @@ from .neighbors import VerletNeighborList
 __all__ = ["MatkitCalculator"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: knots of the radial tables in float32 (see ``radial_table``)
+DEFAULT_RADIAL_TABLE_KNOTS = 2048
 
 
 class MatkitCalculator(Calculator):
@@ -24,6 +28,9 @@ class MatkitCalculator(Calculator):
     dtype : "float32" (fast default for MD) or "float64" (relaxations, phonons).
     skin : Verlet skin in Å; the neighbour list is rebuilt only when an atom moved more than skin/2 or the cell
         changed, and reused across MD steps otherwise. 0 rebuilds every call.
+    radial_table : knots of the splines that replace radial MLPs at inference in models that have them
+        (:mod:`matkit.nn.radial_table`; TensorNet). Default: 2048 in float32, where the spline's error is below
+        the rounding of the exact MLP; 0 (the exact MLPs) in float64. 0 switches them off.
 
     Properties: energy and free_energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, tensile
     positive; needs a 3D periodic cell), energies (per-atom, eV). Forces and stress are gradients of the energy.
@@ -36,7 +43,8 @@ class MatkitCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model, device: str = "cpu", dtype: str = "float32", skin: float = 0.5, **kwargs):
+    def __init__(self, model, device: str = "cpu", dtype: str = "float32", skin: float = 0.5,
+                 radial_table: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             from .checkpoint import load_checkpoint
@@ -49,6 +57,11 @@ class MatkitCalculator(Calculator):
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        if radial_table is None:
+            radial_table = DEFAULT_RADIAL_TABLE_KNOTS if self.dtype == torch.float32 else 0
+        if int(radial_table) < 0 or int(radial_table) == 1:
+            raise ValueError(f"radial_table must be 0 (off) or at least 2 knots, got {radial_table}")
+        self.model.radial_table_knots = int(radial_table)
         self.neighbors = VerletNeighborList(self.model.cutoff, skin)
 
     @classmethod

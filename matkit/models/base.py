@@ -100,6 +100,10 @@ class Potential(KeepsFloat64):
     #: reference energies, scale and shift stay float64 when the model is cast (energies accumulate in float64)
     _FLOAT64_BUFFERS = ("atomic_reference_energies", "scale", "shift")
 
+    #: knots of the radial tables (:mod:`matkit.nn.radial_table`) that models with radial MLPs use at inference
+    #: (eval mode, frozen weights) instead of evaluating the MLPs; 0 = exact MLPs. Set by the calculator.
+    radial_table_knots: int = 0
+
     @property
     def num_species(self) -> int:
         return len(self.species)

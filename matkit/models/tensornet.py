@@ -33,6 +33,7 @@ second backward pass).
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -41,6 +42,7 @@ from torch import nn
 
 from ..graph import graph_batch_vector
 from ..nn.radial import ExpNormalBasis, SmoothBesselBasis, cosine_cutoff
+from ..nn.radial_table import RadialTable, parameter_versions
 from ..nn.tensornet_blocks import (compose_matrix, decompose_matrix, geometric_messages, matmul_per_channel,
                                    mix_parts, neighbour_messages, reverse_pair_groups, squared_norms,
                                    total_squared_norm, traceless_outer_components)
@@ -269,22 +271,52 @@ class TensorNet(Potential):
         # distance-only features, once per pair of reverse edges
         representative, group = reverse_pair_groups(graph.edge_index, graph.shifts, n)
         d_pair = d.index_select(0, representative)
-        rbf_pair = self.rbf(d_pair)
-        cut_pair = self._cutoff(d_pair)
-        if self.self_loops:  # features at d = 0
-            zero = d.new_zeros(1)
+        zero = d.new_zeros(1)  # self-loop features are those at d = 0
+        tables = self._radial_tables(d_pair)
+        if tables is not None:  # inference: splines of the distance-only features (matkit.nn.radial_table)
+            radial = [table(d_pair) for table in tables]
+            radial_self = [table(zero)[0] for table in tables] if self.self_loops else [None] * len(tables)
+        else:
+            rbf_pair, cut_pair = self.rbf(d_pair), self._cutoff(d_pair)
             rbf_self, cut_self = self.rbf(zero), self._cutoff(zero)
-
-        proj = self.embedding.distance_proj
-        radial_cut = proj(rbf_pair) * cut_pair[:, None]
-        self_radial_cut = (proj(rbf_self) * cut_self[:, None])[0] if self.self_loops else None
-        X = self.embedding(species, src, dst, unit, group, radial_cut, self_radial_cut)
+            proj = self.embedding.distance_proj
+            radial = [proj(rbf_pair) * cut_pair[:, None]]
+            radial += [layer.edge_factors(rbf_pair, cut_pair) for layer in self.layers]
+            if self.self_loops:
+                radial_self = [(proj(rbf_self) * cut_self[:, None])[0]]
+                radial_self += [layer.edge_factors(rbf_self, cut_self)[0] for layer in self.layers]
+            else:
+                radial_self = [None] * len(radial)
+        X = self.embedding(species, src, dst, unit, group, radial[0], radial_self[0])
         charge_factor = self._charge_factor(graph, n, X.dtype)
-        for layer in self.layers:
-            factors = layer.edge_factors(rbf_pair, cut_pair)
-            self_factors = layer.edge_factors(rbf_self, cut_self)[0] if self.self_loops else None
+        for layer, factors, self_factors in zip(self.layers, radial[1:], radial_self[1:]):
             X = layer(X, src, dst, factors, group, self_factors, charge_factor)
         return X
+
+    def _radial_functions(self):
+        """float64 copies of the distance-only features: d (G,) Å -> (G, 3F), embedding first, then each layer."""
+        rbf = copy.deepcopy(self.rbf).double()
+        proj = copy.deepcopy(self.embedding.distance_proj).double()
+        mlps = [copy.deepcopy(layer.radial_mlp).double() for layer in self.layers]
+        cut = self._cutoff
+        functions = [lambda d: proj(rbf(d)) * cut(d)[:, None]]
+        functions += [lambda d, mlp=mlp: mlp(rbf(d)) * cut(d)[:, None] for mlp in mlps]
+        return functions
+
+    def _radial_tables(self, d: torch.Tensor):
+        """The radial tables for ``d``'s dtype and device, or None when they do not apply (training, trainable
+        weights, ``radial_table_knots == 0``). Rebuilt when a weight changes."""
+        params = [*self.rbf.parameters(), *self.embedding.distance_proj.parameters(),
+                  *(p for layer in self.layers for p in layer.radial_mlp.parameters())]
+        if self.radial_table_knots <= 0 or self.training or any(p.requires_grad for p in params):
+            return None
+        key = (d.dtype, d.device, self.radial_table_knots, parameter_versions(params))
+        cached = self.__dict__.get("_radial_table_cache")
+        if cached is None or cached[0] != key:
+            tables = [RadialTable(fn, self.cutoff, self.radial_table_knots, d.dtype, d.device)
+                      for fn in self._radial_functions()]
+            cached = self.__dict__["_radial_table_cache"] = (key, tables)
+        return cached[1]
 
     def raw_atomic_energies(self, graph, species, edge_vec):
         X = self.node_features(graph, species, edge_vec)
