@@ -46,6 +46,22 @@ def test_spline_matches_values_derivatives_and_converges_as_h4():
     np.testing.assert_allclose(float32(d.detach().float()).numpy(), _analytic(d.detach()).numpy(), atol=2e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_cpu_spline_equals_the_torch_ops(dtype):
+    table = RadialTable(_analytic, 5.0, 300, dtype=dtype)
+    d = torch.cat((torch.linspace(-0.1, 5.1, 997, dtype=dtype), torch.tensor([0.0, 5.0], dtype=dtype)))
+    d.requires_grad_(True)
+    weights = torch.randn(len(d), 2, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    compiled, reference = table(d), table.evaluate(d)
+    assert compiled.grad_fn is not None and "Compiled" in type(compiled.grad_fn).__name__
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    np.testing.assert_allclose(compiled.detach().numpy(), reference.detach().numpy(), atol=tol)
+    (g1,) = torch.autograd.grad((compiled * weights).sum(), d)
+    (g2,) = torch.autograd.grad((reference * weights).sum(), d)
+    np.testing.assert_allclose(g1.numpy(), g2.numpy(), atol=10 * tol)
+    assert g1[0] == 0 and g1[-3] == 0   # outside [0, cutoff] the spline is clamped
+
+
 def _si_cell():
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat((2, 2, 2))
     atoms.positions += np.random.default_rng(1).normal(scale=0.1, size=atoms.positions.shape)

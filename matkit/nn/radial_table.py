@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Tuple
 
+import numpy as np
 import torch
+from numba import njit
 
 __all__ = ["RadialTable", "parameter_versions"]
 
@@ -54,6 +56,12 @@ class RadialTable:
         self.coefficients = coefficients.reshape(self.knots - 1, -1).to(dtype)
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        if d.device.type == "cpu" and d.dtype == self.coefficients.dtype:
+            return _CompiledSpline.apply(d, self)
+        return self.evaluate(d)
+
+    def evaluate(self, d: torch.Tensor) -> torch.Tensor:
+        """The spline as torch ops (any device; also the reference for the compiled CPU kernel)."""
         x = d.clamp(0.0, self.cutoff) / self.spacing
         k = x.detach().floor().clamp_(max=self.knots - 2).long()
         t = (x - k.to(x.dtype))[:, None]
@@ -71,6 +79,63 @@ class RadialTable:
             exact = self.fn(mid)
             error = (exact64(mid) - exact).abs().max()
         return float(error / exact.abs().max().clamp_min(1e-300))
+
+
+class _CompiledSpline(torch.autograd.Function):
+    """The spline on CPU as Numba loops: one pass writes (G, C); the backward returns dE/dd (G,) directly instead
+    of differentiating a dozen (G, C) torch ops. First-order only (inference)."""
+
+    @staticmethod
+    def forward(ctx, d, table):
+        coefficients = table.coefficients.view(table.knots - 1, 4, table.channels).numpy()
+        dist = d.detach().contiguous().numpy()
+        out = np.empty((dist.shape[0], table.channels), dtype=dist.dtype)
+        _spline_forward(dist, coefficients, table.spacing, table.cutoff, out)
+        ctx.save_for_backward(d)
+        ctx.table = table
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (d,) = ctx.saved_tensors
+        table = ctx.table
+        coefficients = table.coefficients.view(table.knots - 1, 4, table.channels).numpy()
+        grad_out = grad_out.contiguous().numpy()
+        grad = np.empty(d.shape[0], dtype=grad_out.dtype)
+        _spline_backward(d.detach().contiguous().numpy(), coefficients, table.spacing, table.cutoff,
+                         grad_out, grad)
+        return torch.from_numpy(grad), None
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _segment(d, spacing, cutoff, segments):
+    """(segment k, t in [0, 1], inside) of a distance; outside [0, cutoff] the value is clamped (slope 0)."""
+    inside = 0.0 <= d <= cutoff
+    x = min(max(d, 0.0), cutoff) / spacing
+    k = min(int(np.floor(x)), segments - 1)
+    return k, x - k, inside
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _spline_forward(d, coefficients, spacing, cutoff, out):
+    for p in range(d.shape[0]):
+        k, t, _ = _segment(d[p], spacing, cutoff, coefficients.shape[0])
+        for c in range(coefficients.shape[2]):
+            out[p, c] = coefficients[k, 0, c] + t * (coefficients[k, 1, c] + t * (
+                coefficients[k, 2, c] + t * coefficients[k, 3, c]))
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _spline_backward(d, coefficients, spacing, cutoff, grad_out, grad):
+    for p in range(d.shape[0]):
+        k, t, inside = _segment(d[p], spacing, cutoff, coefficients.shape[0])
+        total = 0.0
+        if inside:
+            for c in range(coefficients.shape[2]):
+                total += grad_out[p, c] * (coefficients[k, 1, c] + t * (
+                    2.0 * coefficients[k, 2, c] + 3.0 * t * coefficients[k, 3, c]))
+        grad[p] = total / spacing
 
 
 def _value_and_slope(fn, grid: torch.Tensor):
