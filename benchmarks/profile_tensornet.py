@@ -7,7 +7,7 @@ Stages of one ``MatkitCalculator`` E+F call, in the order the calculator runs th
 * ``neighbours verlet``: the Verlet update at skin 0.5 Å after a 1e-4 Å move (reuse + filter to the cutoff);
 * ``graph``: pair-distance check, precision-safe centring and the tensor graph;
 * ``forward``: the energy (model graph with gradients enabled);
-* ``backward``: the forces by autograd;
+* ``backward``: the forces by autograd (forward + backward minus forward);
 * ``call skin 0`` / ``call skin 0.5``: the whole calculator call, for comparison with the sum.
 
 Then ``torch.profiler``'s table of the operators with the largest self CPU time over a few calls.
@@ -33,6 +33,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from tensornet_speed_vs_torchmdnet import si  # noqa: E402
 
+from matkit.calculator import DEFAULT_RADIAL_TABLE_KNOTS  # noqa: E402
+
 
 def cpu_median(fn, repeats: int) -> float:
     fn()
@@ -57,7 +59,7 @@ def build_model(spec: str):
     return matkit.build(tensornet.MODEL, species=[1, 8, 14], **tensornet.ours_hparams())
 
 
-def profile(n_cells: int, model, repeats: int, top: int) -> None:
+def profile(n_cells: int, model, repeats: int, top: int, knots: int) -> None:
     from ase.calculators.calculator import all_changes
 
     from matkit.calculator import MatkitCalculator
@@ -68,6 +70,7 @@ def profile(n_cells: int, model, repeats: int, top: int) -> None:
     model = model.float().eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    model.radial_table_knots = knots
     pos, cell, pbc, numbers = atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers
     i, j, S = neighbor_list(pos, cell, pbc, model.cutoff)
     verlet = VerletNeighborList(model.cutoff, 0.5)
@@ -99,7 +102,7 @@ def profile(n_cells: int, model, repeats: int, top: int) -> None:
         rows["forward"] = cpu_median(forward, repeats)
         rows["backward"] = cpu_median(forward_backward, repeats) - rows["forward"]
     for skin in (0.0, 0.5):
-        calc = MatkitCalculator(model, skin=skin)
+        calc = MatkitCalculator(model, skin=skin, radial_table=knots)
         state = [1.0]
 
         def call():
@@ -110,7 +113,8 @@ def profile(n_cells: int, model, repeats: int, top: int) -> None:
         rows[f"call skin {skin:g}"] = cpu_median(call, repeats)
     total = rows["call skin 0"]
     print(f"\nSi{len(atoms)}: {len(i)} directed pairs within {model.cutoff} Å, {model.__class__.__name__} "
-          f"{sum(p.numel() for p in model.parameters())} parameters, float32, 1 thread")
+          f"{sum(p.numel() for p in model.parameters())} parameters, float32, 1 thread, radial tables "
+          f"{knots or 'off'}")
     print("| stage | CPU ms | share of a skin-0 call |\n|---|---:|---:|")
     for name, seconds in rows.items():
         print(f"| {name} | {1e3 * seconds:.2f} | {100 * seconds / total:.0f} % |")
@@ -127,11 +131,13 @@ def main(argv=None):
     parser.add_argument("--model-spec", choices=("tensornet", "matpes"), default="tensornet")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--radial-table", type=int, default=DEFAULT_RADIAL_TABLE_KNOTS,
+                        help="knots of the radial tables (the calculator's float32 default); 0: exact MLPs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     model = build_model(args.model_spec)
     for n in (int(s) for s in args.sizes.split(",")):
-        profile(n, model, args.repeats, args.top)
+        profile(n, model, args.repeats, args.top, args.radial_table)
 
 
 if __name__ == "__main__":
