@@ -77,6 +77,14 @@ def timing_structure(species):
     return None, None
 
 
+def dataset_species(path) -> list:
+    """The atomic numbers present in a matkit HDF5 dataset (a fine-tuned universal model keeps all its species)."""
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        return sorted(int(z) for z in np.unique(h5["atoms/atomic_numbers"][:]))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name")
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
     test_section = evaluate_test_sets(folder, args.test, dataset)
 
     species = [int(z) for z in model.species]
-    atoms, label = timing_structure(species)
+    atoms, label = timing_structure(dataset_species(ROOT / dataset) if len(species) > 1 else species)
     if atoms is None:
         from matkit.data.dataset import HDF5Dataset
 
@@ -178,8 +186,19 @@ def main(argv=None) -> int:
     split_row = (f"| split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation "
                  f"structures: {split_sentence}. No separate test split exists for this data, so these are "
                  "validation errors, not test errors. |")
+    start = ((meta.get("config") or {}).get("finetune") or {}).get("from_checkpoint")
+    trained_on = dataset_species(ROOT / dataset)
+    shown = trained_on if start else species
+    others = (f" (the other {len(species) - len(shown)} elements keep `{start}`'s values, on its scale, not this one)"
+              if len(shown) < len(species) else "")
     energy_row = (f"| energy scale | {energy_scale}; fitted reference energies (eV): "
-                  f"{reference_energies(model)}{refit_note} |")
+                  f"{reference_energies(model, shown)}{others}{refit_note} |")
+    species_text = ", ".join(matkit_symbols(species))
+    if start and len(species) > len(trained_on):
+        species_text = (f"{', '.join(matkit_symbols(trained_on))} (trained); the model keeps all {len(species)} "
+                        f"elements of `{start}`, but only these are fitted to this data")
+    origin = (f"fine-tuned with matkit from `{start}` on `{dataset}`" if start
+              else f"trained with matkit on `{dataset}`")
     training_row = (f"| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')})"
                     f"{stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall} |")
     weights_row = (f"| weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; "
@@ -187,7 +206,7 @@ def main(argv=None) -> int:
 
     card = f"""# {args.name}
 
-A `{payload['model']}` potential trained with matkit on `{dataset}`.
+A `{payload['model']}` potential {origin}.
 
 ```python
 from matkit.calculator import MatkitCalculator
@@ -197,7 +216,7 @@ atoms.calc = MatkitCalculator.from_pretrained("{args.name}", dtype="float64")   
 | | |
 |---|---|
 | architecture | `{payload['model']}`, {n_params:,} parameters; hyperparameters in `config.yaml` / the checkpoint |
-| species | {', '.join(matkit_symbols(species))} |
+| species | {species_text} |
 | cutoff | {model.cutoff} Å |
 | training data | `{dataset}`: {source} |
 {split_row}
@@ -372,11 +391,12 @@ def matkit_symbols(species):
     return [chemical_symbols[z] for z in species]
 
 
-def reference_energies(model):
+def reference_energies(model, shown=None):
     from ase.data import chemical_symbols
 
     values = model.atomic_reference_energies.detach().cpu().numpy()
-    return ", ".join(f"{chemical_symbols[z]} {values[k]:.4f}" for k, z in enumerate(model.species))
+    return ", ".join(f"{chemical_symbols[z]} {values[k]:.4f}" for k, z in enumerate(model.species)
+                     if shown is None or z in shown)
 
 
 if __name__ == "__main__":
