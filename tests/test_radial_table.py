@@ -46,9 +46,9 @@ def test_spline_matches_values_derivatives_and_converges_as_h4():
     np.testing.assert_allclose(float32(d.detach().float()).numpy(), _analytic(d.detach()).numpy(), atol=2e-7)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_compiled_cpu_spline_equals_the_torch_ops(dtype):
-    table = RadialTable(_analytic, 5.0, 300, dtype=dtype)
+@pytest.mark.parametrize("dtype,start", [(torch.float32, 0.0), (torch.float64, 0.0), (torch.float64, 0.35)])
+def test_compiled_cpu_spline_equals_the_torch_ops(dtype, start):
+    table = RadialTable(_analytic, 5.0, 300, dtype=dtype, start=start)
     d = torch.cat((torch.linspace(-0.1, 5.1, 997, dtype=dtype), torch.tensor([0.0, 5.0], dtype=dtype)))
     d.requires_grad_(True)
     weights = torch.randn(len(d), 2, dtype=dtype, generator=torch.Generator().manual_seed(0))
@@ -76,13 +76,21 @@ def _results(model, atoms, **kwargs):
     return atoms.get_potential_energy(), atoms.get_forces(), atoms.get_stress()
 
 
-@pytest.mark.parametrize("which", ["random_expnorm", "matpes"])
-def test_tensornet_tables_agree_with_exact_mlps(which):
-    if which == "matpes":
-        model = load_checkpoint(checkpoint_path("tensornet-matpes-pbe"))
-    else:
-        torch.manual_seed(0)
+@pytest.mark.parametrize("which", ["tensornet", "tensornet-matpes-pbe", "gaunt_mace", "gaunt_mace_l1",
+                                   "gaunt_mace_l1_shared_y"])
+def test_tables_agree_with_exact_mlps(which):
+    torch.manual_seed(0)
+    if which == "tensornet-matpes-pbe":
+        model = load_checkpoint(checkpoint_path(which))
+    elif which == "tensornet":
         model = matkit.build("tensornet", species=[14], hidden_channels=32, num_rbf=16, cutoff=5.0)
+    elif which == "gaunt_mace":   # scalar hidden features: the padded-slot message
+        model = matkit.build("gaunt_mace", species=[14], num_channels=16, hidden_lmax=0, cutoff=5.0)
+    elif which == "gaunt_mace_l1":  # l = 1 hidden features: the per-edge grid message
+        model = matkit.build("gaunt_mace", species=[14], num_channels=8, hidden_lmax=1, cutoff=5.0)
+    else:                         # l = 1 hidden features, Y weights shared by the channels
+        model = matkit.build("gaunt_mace", species=[14], num_channels=8, hidden_lmax=1, cutoff=5.0,
+                             channelwise_y_weights=False)
     atoms = _si_cell()
     e0, f0, s0 = _results(model, atoms, dtype="float64")                      # exact MLPs (float64 default)
     assert model.radial_table_knots == 0

@@ -38,15 +38,18 @@ correlation 3, 2 interactions, 128 channels) with hidden features up to l = 2 (t
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ..graph import MIN_PAIR_DISTANCE
 from ..nn.mace_blocks import (GauntInteraction, GauntManyBodyProduct, IrrepsLinear, NeighbourSlots, ScaledSiLU,
                               SpeciesIrrepsLinear)
 from ..nn.radial import BesselBasis, PolynomialEnvelope
+from ..nn.radial_table import cached_tables
 from ..nn.sphere_grid import spherical_harmonics
 from .base import Potential, register
 
@@ -66,9 +69,9 @@ class GauntMACELayer(nn.Module):
         self.product = GauntManyBodyProduct(num_channels, max_ell, lmax_out, correlation, num_species)
         self.linear = IrrepsLinear(num_channels, num_channels, lmax_out)
 
-    def forward(self, h, species, edge_radial, edge_sh, slots):
+    def forward(self, h, species, edge_radial, edge_sh, slots, edge_weights=None):
         sc = self.self_connection(h, species)
-        a = self.interaction(h, edge_radial, edge_sh, slots)
+        a = self.interaction(h, edge_radial, edge_sh, slots, edge_weights)
         out = self.linear(self.product(a, species))
         if sc.shape[1] < out.shape[1]:
             return torch.cat([out[:, : sc.shape[1]] + sc, out[:, sc.shape[1]:]], dim=1)
@@ -138,10 +141,29 @@ class GauntMACE(Potential):
 
     def raw_atomic_energies(self, graph, species, edge_vec):
         edge_radial, edge_sh = self.edge_features(edge_vec)
+        tables = self._radial_tables(edge_vec)
+        if tables is not None:  # inference: the radial MLPs as splines of the distance (matkit.nn.radial_table)
+            r = torch.linalg.vector_norm(edge_vec, dim=-1)
+            edge_weights = [table(r) for table in tables]
+        else:
+            edge_weights = [None] * len(self.layers)
         h = self.embedding[species].unsqueeze(1).to(edge_vec.dtype)  # (N, 1, C)
         slots = NeighbourSlots(graph.edge_index, species.shape[0], edge_sh, edge_radial)
         energy = edge_vec.new_zeros(species.shape[0])
-        for layer, readout in zip(self.layers, self.readouts):
-            h = layer(h, species, edge_radial, edge_sh, slots)
+        for layer, readout, weights in zip(self.layers, self.readouts, edge_weights):
+            h = layer(h, species, edge_radial, edge_sh, slots, weights)
             energy = energy + readout(h[:, 0]).squeeze(-1)
         return energy
+
+    def _radial_functions(self):
+        """float64 copies of each layer's ``RadialMLP(basis(d) * envelope(d))``: d (E,) Å -> (E, num_radial_out)."""
+        basis = copy.deepcopy(self.radial_basis).double()
+        envelope = copy.deepcopy(self.envelope).double()
+        mlps = [copy.deepcopy(layer.interaction.radial).double() for layer in self.layers]
+        return [lambda d, mlp=mlp: mlp(basis(d) * envelope(d).unsqueeze(-1)) for mlp in mlps]
+
+    def _radial_tables(self, like: torch.Tensor):
+        """The radial tables (one per layer) at inference, else None (see ``cached_tables``); from
+        :data:`~matkit.graph.MIN_PAIR_DISTANCE` on, since the Bessel basis is 0/0 at d = 0."""
+        params = [p for layer in self.layers for p in layer.interaction.radial.parameters()]
+        return cached_tables(self, params, like, self._radial_functions, start=MIN_PAIR_DISTANCE)

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..graph import graph_batch_vector
 from ..nn.radial import ExpNormalBasis, SmoothBesselBasis, cosine_cutoff
-from ..nn.radial_table import RadialTable, parameter_versions
+from ..nn.radial_table import cached_tables
 from ..nn.tensornet_blocks import (compose_matrix, decompose_matrix, geometric_messages, matmul_per_channel,
                                    mix_parts, neighbour_messages, reverse_pair_groups, squared_norms,
                                    total_squared_norm, traceless_outer_components)
@@ -304,19 +304,10 @@ class TensorNet(Potential):
         return functions
 
     def _radial_tables(self, d: torch.Tensor):
-        """The radial tables for ``d``'s dtype and device, or None when they do not apply (training, trainable
-        weights, ``radial_table_knots == 0``). Rebuilt when a weight changes."""
+        """The radial tables (embedding, then each layer) at inference, else None (see ``cached_tables``)."""
         params = [*self.rbf.parameters(), *self.embedding.distance_proj.parameters(),
                   *(p for layer in self.layers for p in layer.radial_mlp.parameters())]
-        if self.radial_table_knots <= 0 or self.training or any(p.requires_grad for p in params):
-            return None
-        key = (d.dtype, d.device, self.radial_table_knots, parameter_versions(params))
-        cached = self.__dict__.get("_radial_table_cache")
-        if cached is None or cached[0] != key:
-            tables = [RadialTable(fn, self.cutoff, self.radial_table_knots, d.dtype, d.device)
-                      for fn in self._radial_functions()]
-            cached = self.__dict__["_radial_table_cache"] = (key, tables)
-        return cached[1]
+        return cached_tables(self, params, d, self._radial_functions)
 
     def raw_atomic_energies(self, graph, species, edge_vec):
         X = self.node_features(graph, species, edge_vec)

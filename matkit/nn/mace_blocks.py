@@ -266,21 +266,26 @@ class GauntInteraction(nn.Module):
         summed = (summed * to_grid_h.unsqueeze(-1)).sum(dim=2)  # (N, G, C)
         return self.grid_h.from_grid(summed)
 
-    def forward(self, h, edge_radial, edge_sh, slots: "NeighbourSlots"):
-        """h (N, K_h, C), edge_radial (E, num_radial), edge_sh (E, K_Y) -> A (N, (lmax_a+1)^2, C)."""
+    def forward(self, h, edge_radial, edge_sh, slots: "NeighbourSlots", edge_weights=None):
+        """h (N, K_h, C), edge_radial (E, num_radial), edge_sh (E, K_Y) -> A (N, (lmax_a+1)^2, C).
+        ``edge_weights`` (E, num_radial_out): the radial MLP's output if already known (radial tables)."""
         h_up = self.linear_up(h)
         c = self.num_channels
+        if edge_weights is not None:
+            padded = slots.pad(edge_weights) if self.lmax_h == 0 or not self.channelwise_y_weights else None
         if self.lmax_h == 0:
-            padded = slots.radial_padded
-            weights = self.radial(padded).view(padded.shape[0], padded.shape[1], self.num_radial_out // c, c)
+            if edge_weights is None:
+                padded = self.radial(slots.radial_padded)
+            weights = padded.view(padded.shape[0], padded.shape[1], self.num_radial_out // c, c)
             a = self.scalar_message(h_up, weights[:, :, : self.max_ell + 1], slots)
         elif self.channelwise_y_weights:
-            weights = self.radial(edge_radial).view(edge_radial.shape[0], self.num_radial_out // c, c)
+            weights = self.radial(edge_radial) if edge_weights is None else edge_weights
+            weights = weights.view(weights.shape[0], self.num_radial_out // c, c)
             a = self.grid_message(h_up, weights[:, self.max_ell + 1:], weights[:, : self.max_ell + 1], edge_sh,
                                   slots.src, slots.dst)
         else:
+            weights = self.radial(slots.radial_padded) if edge_weights is None else padded
             padded = slots.radial_padded
-            weights = self.radial(padded)
             n_h = (self.lmax_h + 1) * c
             r1 = weights[..., :n_h].reshape(padded.shape[0], padded.shape[1], self.lmax_h + 1, c)
             a = self.shared_y_grid_message(h_up, r1, weights[..., n_h:], slots)

@@ -7,9 +7,10 @@ float64 (forward-mode autograd, exact derivatives) and evaluates the cubic Hermi
 ``O(C)`` work per pair instead of ``O(C^2)``, forces still the exact gradient of the (interpolated) energy.
 
 Error: the spline matches values and first derivatives at the knots; between them its error is at most
-``h^4 / 384 * max |f''''|`` (``h = cutoff / (knots - 1)``), which ``RadialTable.max_error`` measures against ``f``
-at the midpoints. With the default 4096 knots over 5 Å it is ~1e-8 of the largest ``|f|`` for the bundled models
-(``tests/test_radial_table.py``), below float32 rounding; float64 inference keeps the exact path by default.
+``h^4 / 384 * max |f''''|`` (``h = (cutoff - start) / (knots - 1)``), which ``RadialTable.max_error`` measures
+against ``f`` at the midpoints. With 2048 knots over 5 Å (the calculator's float32 default) TensorNet's and
+Gaunt-MACE's energies move by ~1e-13 eV/atom and forces by ~1e-9 eV/Å against the exact MLPs in float64
+(``tests/test_radial_table.py``), far below float32 rounding; float64 inference keeps the exact MLPs by default.
 
 The table is only valid for the weights it was built from: :func:`parameter_versions` gives a key that changes
 whenever a parameter is modified in place (optimiser steps, ``load_state_dict``), and callers rebuild on change.
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["RadialTable", "parameter_versions"]
+__all__ = ["RadialTable", "parameter_versions", "cached_tables"]
 
 
 def parameter_versions(parameters: Iterable[torch.Tensor]) -> Tuple:
@@ -30,21 +31,43 @@ def parameter_versions(parameters: Iterable[torch.Tensor]) -> Tuple:
     return tuple((id(p), p._version) for p in parameters)
 
 
+def cached_tables(model, parameters, like: torch.Tensor, make_functions, start: float = 0.0):
+    """The radial tables of ``model`` for ``like``'s dtype and device, or None where they do not apply.
+
+    They apply at inference only: ``model.radial_table_knots > 0``, eval mode and none of ``parameters`` (the
+    weights the tabulated functions depend on) trainable. ``make_functions()`` returns the functions to tabulate
+    (float64 distances -> (G, C_k)); the tables are cached on the model and rebuilt when a weight changes.
+    """
+    parameters = list(parameters)
+    knots = int(getattr(model, "radial_table_knots", 0))
+    if knots <= 0 or model.training or any(p.requires_grad for p in parameters):
+        return None
+    key = (like.dtype, like.device, knots, start, parameter_versions(parameters))
+    cached = model.__dict__.get("_radial_table_cache")
+    if cached is None or cached[0] != key:
+        tables = [RadialTable(fn, model.cutoff, knots, like.dtype, like.device, start)
+                  for fn in make_functions()]
+        cached = model.__dict__["_radial_table_cache"] = (key, tables)
+    return cached[1]
+
+
 class RadialTable:
-    """Cubic Hermite spline of ``fn``: distances (G,) Å -> (G, C) on ``[0, cutoff]``.
+    """Cubic Hermite spline of ``fn``: distances (G,) Å -> (G, C) on ``[start, cutoff]``.
 
     ``fn`` must accept float64 distances (it is evaluated once, in float64, on ``knots`` points); the table is
     stored in ``dtype`` on ``device``. Calling the table on distances (G,) returns (G, C) in their dtype,
-    differentiable with respect to the distances (forces, stress). Distances are clamped to ``[0, cutoff]``.
+    differentiable with respect to the distances (forces, stress). Distances are clamped to ``[start, cutoff]``
+    (``start`` > 0 for functions undefined at d = 0, e.g. ``sin(k d) / d`` bases; the calculators refuse pairs
+    closer than :data:`~matkit.graph.MIN_PAIR_DISTANCE` anyway).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], cutoff: float, knots: int = 4096,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
-        if knots < 2 or cutoff <= 0:
-            raise ValueError(f"RadialTable needs knots >= 2 and cutoff > 0, got {knots}, {cutoff}")
-        self.fn, self.cutoff, self.knots = fn, float(cutoff), int(knots)
-        self.spacing = self.cutoff / (self.knots - 1)
-        grid = torch.linspace(0.0, self.cutoff, self.knots, dtype=torch.float64, device=device)
+                 dtype: torch.dtype = torch.float32, device="cpu", start: float = 0.0):
+        if knots < 2 or not 0 <= start < cutoff:
+            raise ValueError(f"RadialTable needs knots >= 2 and 0 <= start < cutoff, got {knots}, {start}, {cutoff}")
+        self.fn, self.cutoff, self.knots, self.start = fn, float(cutoff), int(knots), float(start)
+        self.spacing = (self.cutoff - self.start) / (self.knots - 1)
+        grid = torch.linspace(self.start, self.cutoff, self.knots, dtype=torch.float64, device=device)
         values, slopes = _value_and_slope(fn, grid)
         slopes = slopes * self.spacing                      # derivatives per unit of t = (d - d_k) / h
         v0, v1, m0, m1 = values[:-1], values[1:], slopes[:-1], slopes[1:]
@@ -62,7 +85,7 @@ class RadialTable:
 
     def evaluate(self, d: torch.Tensor) -> torch.Tensor:
         """The spline as torch ops (any device; also the reference for the compiled CPU kernel)."""
-        x = d.clamp(0.0, self.cutoff) / self.spacing
+        x = (d.clamp(self.start, self.cutoff) - self.start) / self.spacing
         k = x.detach().floor().clamp_(max=self.knots - 2).long()
         t = (x - k.to(x.dtype))[:, None]
         a, b, c, e = self.coefficients.index_select(0, k).view(-1, 4, self.channels).unbind(1)
@@ -72,8 +95,8 @@ class RadialTable:
         """Largest |spline - fn| at the segment midpoints (where it is largest), relative to max |fn| on the
         knots; the spline evaluated in float64."""
         device = self.coefficients.device
-        exact64 = RadialTable(self.fn, self.cutoff, self.knots, torch.float64, device)
-        mid = torch.linspace(0.5 * self.spacing, self.cutoff - 0.5 * self.spacing, self.knots - 1,
+        exact64 = RadialTable(self.fn, self.cutoff, self.knots, torch.float64, device, self.start)
+        mid = torch.linspace(self.start + 0.5 * self.spacing, self.cutoff - 0.5 * self.spacing, self.knots - 1,
                              dtype=torch.float64, device=device)
         with torch.no_grad():
             exact = self.fn(mid)
@@ -90,7 +113,7 @@ class _CompiledSpline(torch.autograd.Function):
         coefficients = table.coefficients.view(table.knots - 1, 4, table.channels).numpy()
         dist = d.detach().contiguous().numpy()
         out = np.empty((dist.shape[0], table.channels), dtype=dist.dtype)
-        _spline_forward(dist, coefficients, table.spacing, table.cutoff, out)
+        _spline_forward(dist, coefficients, table.start, table.spacing, table.cutoff, out)
         ctx.save_for_backward(d)
         ctx.table = table
         return torch.from_numpy(out)
@@ -103,33 +126,33 @@ class _CompiledSpline(torch.autograd.Function):
         coefficients = table.coefficients.view(table.knots - 1, 4, table.channels).numpy()
         grad_out = grad_out.contiguous().numpy()
         grad = np.empty(d.shape[0], dtype=grad_out.dtype)
-        _spline_backward(d.detach().contiguous().numpy(), coefficients, table.spacing, table.cutoff,
+        _spline_backward(d.detach().contiguous().numpy(), coefficients, table.start, table.spacing, table.cutoff,
                          grad_out, grad)
         return torch.from_numpy(grad), None
 
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
-def _segment(d, spacing, cutoff, segments):
-    """(segment k, t in [0, 1], inside) of a distance; outside [0, cutoff] the value is clamped (slope 0)."""
-    inside = 0.0 <= d <= cutoff
-    x = min(max(d, 0.0), cutoff) / spacing
+def _segment(d, start, spacing, cutoff, segments):
+    """(segment k, t in [0, 1], inside) of a distance; outside [start, cutoff] the value is clamped (slope 0)."""
+    inside = start <= d <= cutoff
+    x = (min(max(d, start), cutoff) - start) / spacing
     k = min(int(np.floor(x)), segments - 1)
     return k, x - k, inside
 
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
-def _spline_forward(d, coefficients, spacing, cutoff, out):
+def _spline_forward(d, coefficients, start, spacing, cutoff, out):
     for p in range(d.shape[0]):
-        k, t, _ = _segment(d[p], spacing, cutoff, coefficients.shape[0])
+        k, t, _ = _segment(d[p], start, spacing, cutoff, coefficients.shape[0])
         for c in range(coefficients.shape[2]):
             out[p, c] = coefficients[k, 0, c] + t * (coefficients[k, 1, c] + t * (
                 coefficients[k, 2, c] + t * coefficients[k, 3, c]))
 
 
 @njit(fastmath={"reassoc", "contract"}, cache=True)
-def _spline_backward(d, coefficients, spacing, cutoff, grad_out, grad):
+def _spline_backward(d, coefficients, start, spacing, cutoff, grad_out, grad):
     for p in range(d.shape[0]):
-        k, t, inside = _segment(d[p], spacing, cutoff, coefficients.shape[0])
+        k, t, inside = _segment(d[p], start, spacing, cutoff, coefficients.shape[0])
         total = 0.0
         if inside:
             for c in range(coefficients.shape[2]):
