@@ -5,10 +5,10 @@ seeded random strain of up to ±3 % and a 0.05 Å rattle so that the relaxations
 potential (default ``tensornet-matpes-pbe``), float64, exact radial MLPs on both sides.
 
 * matkit: ``matkit.discovery.batched_relax.BatchedRelaxer`` (FIRE + Frechet cell filter with ASE's parameters,
-  fmax 0.05 eV/Å on atoms and cell, at most ``--max-steps`` steps, in-flight pool of ``--max-atoms`` atoms);
+  ``--fmax`` (0.05 eV/Å) on atoms and cell, at most ``--max-steps`` steps, in-flight pool of ``--max-atoms`` atoms);
 * torch-sim (``torch-sim-atomistic==0.3.0``, the ``torchsim`` extra, driving the same model through
   :class:`matkit.torchsim.MatkitTorchSimModel`): ``ts.optimize`` with ``ts.frechet_cell_fire``, the force
-  convergence function at 0.05 eV/Å including cell forces, an ``InFlightAutoBatcher`` with the same atom budget,
+  convergence function at ``--fmax`` including cell forces, an ``InFlightAutoBatcher`` with the same atom budget,
   ``max_steps`` = ``--max-steps`` x ``steps_between_swaps``.
 
 Reported: wall time and structures per second of each side, the final energy of every structure from each side
@@ -52,7 +52,7 @@ def run_matkit(model, structures, args):
     from matkit.discovery.batched_relax import BatchedRelaxer
     from matkit.discovery.relax import RelaxSettings
 
-    relaxer = BatchedRelaxer(model, RelaxSettings(fmax=0.05, max_steps=args.max_steps), dtype="float64",
+    relaxer = BatchedRelaxer(model, RelaxSettings(fmax=args.fmax, max_steps=args.max_steps), dtype="float64",
                              max_atoms=args.max_atoms)
     start = time.perf_counter()
     results = relaxer.relax(structures)
@@ -70,7 +70,7 @@ def run_torchsim(model, structures, args):
     batcher = InFlightAutoBatcher(wrapped, memory_scales_with="n_atoms", max_memory_scaler=float(args.max_atoms))
     start = time.perf_counter()
     final = ts.optimize(structures, wrapped, optimizer=ts.frechet_cell_fire,
-                        convergence_fn=ts.generate_force_convergence_fn(0.05, include_cell_forces=True),
+                        convergence_fn=ts.generate_force_convergence_fn(args.fmax, include_cell_forces=True),
                         autobatcher=batcher, max_steps=args.max_steps * args.steps_between_swaps,
                         steps_between_swaps=args.steps_between_swaps)
     wall = time.perf_counter() - start
@@ -95,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--potential", default="tensornet-matpes-pbe")
     parser.add_argument("--max-steps", type=int, default=500)
+    parser.add_argument("--fmax", type=float, default=0.05, help="eV/Å, atoms and cell, both sides")
     parser.add_argument("--max-atoms", type=int, default=1024)
     parser.add_argument("--steps-between-swaps", type=int, default=5)
     parser.add_argument("--order", default="matkit,torchsim")
@@ -109,7 +110,7 @@ def main(argv=None):
     structures = workload(args.n)
     sides = {"matkit": run_matkit, "torchsim": run_torchsim}
     report = {"n": len(structures), "atoms": int(sum(len(a) for a in structures)), "potential": args.potential,
-              "max_atoms": args.max_atoms, "max_steps": args.max_steps,
+              "max_atoms": args.max_atoms, "max_steps": args.max_steps, "fmax": args.fmax,
               "steps_between_swaps": args.steps_between_swaps, "threads": 1}
     finals = {}
     for side in args.order.split(","):
