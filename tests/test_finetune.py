@@ -91,3 +91,20 @@ def test_finetune_keep_and_unknown_source(tmp_path):
               train_dataset=GraphListDataset(graphs))
     with pytest.raises(ConfigError, match=r"'model.reference_energies' 'refit' corrects a loaded model"):
         config_from_dict({"model": {"name": "tensornet", "reference_energies": "refit"}})
+
+
+@pytest.mark.parametrize("name", ["mo", "ge", "li"])
+def test_example_finetune_configs_name_a_bundled_start_and_the_bundled_recipe(name):
+    """The README's fine-tuning configs load, start from a bundled potential and use the split, seed and loss of
+    the element's bundled from-scratch potential (so the cards' comparisons are like for like)."""
+    from matkit.training import load_config
+
+    config = load_config(ROOT / "examples" / "finetune" / f"{name}.yaml")
+    assert checkpoint_path(config.finetune.from_checkpoint).is_file()
+    assert config.model.reference_energies is None and config.model.resolved(True)[0] == "refit"
+    bundled = ROOT / "potentials" / f"tensornet-{name}"
+    recipe = load_config(bundled / ("from_scratch.yaml" if (bundled / "from_scratch.yaml").exists() else "config.yaml"))
+    assert config.data.train == recipe.data.train and config.data.seed == recipe.data.seed
+    assert config.data.val_fraction == recipe.data.val_fraction
+    assert (config.loss.energy_weight, config.loss.forces_weight, config.loss.stress_weight) == \
+        (recipe.loss.energy_weight, recipe.loss.forces_weight, recipe.loss.stress_weight)
