@@ -275,3 +275,32 @@ def test_scalar_message_equals_edge_sum():
         ref[i] += h_up[j, 0] * weights[k][degree] * sh[k][:, None]
     np.testing.assert_allclose(ours.detach().numpy(), ref.detach().numpy(), atol=1e-12)
     assert ours[2].abs().max() == 0 and ours[4].abs().max() == 0  # atoms without neighbours
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_slot_message_equals_the_torch_ops(dtype):
+    """The Numba scalar message (inference on CPU) against the torch ops it replaces: values and the gradients for
+    the slot SH, the radial weights and the node features, with empty slots."""
+    from matkit.nn.mace_kernels import SlotMessage
+
+    g = torch.Generator().manual_seed(0)
+    n, m, c, lmax = 7, 5, 6, 3
+    counts = torch.tensor([5, 3, 0, 4, 5, 1, 2])
+    filled = torch.arange(m)[None] < counts[:, None]
+    src = torch.where(filled, torch.randint(0, n, (n, m), generator=g), 0)
+    Y = (torch.randn(n, (lmax + 1) ** 2, m, generator=g, dtype=dtype) * filled[:, None]).requires_grad_(True)
+    R = (torch.randn(n, m, lmax + 1, c, generator=g, dtype=dtype) * filled[:, :, None, None]).requires_grad_(True)
+    H = torch.randn(n, c, generator=g, dtype=dtype, requires_grad=True)
+    # radial weights read through a row index: here the rows of R in reverse order (as per-edge weights would be)
+    perm = torch.arange(n * m - 1, -1, -1)
+    rows = torch.empty_like(perm)
+    rows[perm] = torch.arange(n * m)
+    compiled = SlotMessage.apply(Y, R.reshape(n * m, lmax + 1, c)[perm], H, src, rows.view(n, m), counts, lmax)
+    weighted = (R * H.index_select(0, src.reshape(-1)).view(n, m, 1, c)).unbind(2)
+    reference = torch.cat([Y[:, l * l:(l + 1) ** 2] @ weighted[l] for l in range(lmax + 1)], 1)
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(compiled, reference, atol=tol, rtol=0)
+    weights = torch.randn(compiled.shape, generator=g, dtype=dtype)
+    for a, b in zip(torch.autograd.grad((compiled * weights).sum(), (Y, R, H)),
+                    torch.autograd.grad((reference * weights).sum(), (Y, R, H))):
+        torch.testing.assert_close(a, b, atol=10 * tol, rtol=0)

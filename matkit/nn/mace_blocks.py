@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .gaunt import GauntPower
+from .mace_kernels import SlotMessage
 from .sphere_grid import SphereGrid, degree_of_coefficient
 
 __all__ = ["gaunt_product",
@@ -124,6 +125,7 @@ class NeighbourSlots:
         self.num_nodes = num_nodes
         num_edges = self.dst.shape[0]
         counts = torch.bincount(self.dst, minlength=num_nodes)
+        self.counts = counts  # (N,) filled slots of each node: the first counts[i]
         self.max_neighbours = int(counts.max()) if num_edges else 0
         order = torch.argsort(self.dst, stable=True)
         first = torch.cumsum(counts, 0) - counts
@@ -134,6 +136,9 @@ class NeighbourSlots:
         self.radial_padded = self.pad(edge_radial)  # (N, M, num_radial); zero rows in empty slots
         # neighbour index of each slot (0 in empty slots: their radial weights are exactly zero)
         self.src_padded = self.src.new_zeros(num_nodes * self.max_neighbours).index_copy(0, self.flat, self.src)
+        # edge of each slot (0 in empty slots, which the kernels skip)
+        self.edge_of_slot = self.src.new_zeros(num_nodes * self.max_neighbours).index_copy(
+            0, self.flat, torch.arange(num_edges, device=self.dst.device)).view(num_nodes, self.max_neighbours)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(E, F) per-edge rows -> (N, M, F) with zeros in empty slots (differentiable, out of place)."""
@@ -212,20 +217,28 @@ class GauntInteraction(nn.Module):
             self.grid_h = SphereGrid(lmax_h, lmax_a, degree=degree)
             self.grid_y = SphereGrid(max_ell, lmax_a, degree=degree)
 
-    def scalar_message(self, h_up, r2, slots: "NeighbourSlots"):
+    def scalar_message(self, h_up, r2, slots: "NeighbourSlots", per_edge: bool = False):
         """MACE message for scalar node features: A[i, lm, c] = sum_{e into i} h_j[c] R2[e, l, c] Y_lm(e).
 
         Works on padded neighbour slots: r2 (N, M, L_Y+1, C) comes from the radial MLP applied to the padded
-        radial features (zero in empty slots, as the MLP has no biases), and each degree block is one batched
-        matrix product ``Y_pad_l^T (N, 2l+1, M) @ W_pad_l (N, M, C)``; the (E, K, C) per-edge messages are
-        never materialised.
+        radial features (zero in empty slots, as the MLP has no biases), or is (E, L_Y+1, C) per edge when
+        ``per_edge`` (radial tables). Inference on CPU streams over the slots in one Numba pass
+        (:mod:`matkit.nn.mace_kernels`); otherwise each degree block is one batched matrix product
+        ``Y_pad_l^T (N, 2l+1, M) @ W_pad_l (N, M, C)`` and the (E, K, C) per-edge messages are never materialised.
         """
-        n, m = r2.shape[0], r2.shape[1]
-        h_neighbour = h_up[:, 0].index_select(0, slots.src_padded).view(n, m, 1, self.num_channels)
-        weighted = (r2 * h_neighbour).unbind(dim=2)  # L_Y+1 tensors (N, M, C); unbind's backward is one stack
+        n, m = slots.num_nodes, slots.max_neighbours
         lmax = min(self.max_ell, self.lmax_a)
-        a = torch.cat([torch.matmul(slots.sh_transposed[:, l * l:(l + 1) ** 2], weighted[l])
-                       for l in range(lmax + 1)], dim=1)
+        if not self.training and r2.device.type == "cpu" and r2.dtype == h_up.dtype:
+            rows = slots.edge_of_slot if per_edge else torch.arange(n * m, device=r2.device).view(n, m)
+            a = SlotMessage.apply(slots.sh_transposed, r2.reshape(-1, r2.shape[-2], r2.shape[-1]), h_up[:, 0],
+                                  slots.src_padded.view(n, m), rows, slots.counts, lmax)
+        else:
+            if per_edge:
+                r2 = slots.pad(r2.reshape(r2.shape[0], -1)).view(n, m, -1, self.num_channels)
+            h_neighbour = h_up[:, 0].index_select(0, slots.src_padded).view(n, m, 1, self.num_channels)
+            weighted = (r2[:, :, : lmax + 1] * h_neighbour).unbind(dim=2)  # L+1 tensors (N, M, C)
+            a = torch.cat([torch.matmul(slots.sh_transposed[:, l * l:(l + 1) ** 2], weighted[l])
+                           for l in range(lmax + 1)], dim=1)
         if self.lmax_a > self.max_ell:  # nothing reaches the higher degrees
             a = torch.cat([a, a.new_zeros(a.shape[0], num_coefficients(self.lmax_a) - a.shape[1], a.shape[2])], 1)
         return a
@@ -272,12 +285,14 @@ class GauntInteraction(nn.Module):
         h_up = self.linear_up(h)
         c = self.num_channels
         if edge_weights is not None:
-            padded = slots.pad(edge_weights) if self.lmax_h == 0 or not self.channelwise_y_weights else None
+            padded = slots.pad(edge_weights) if self.lmax_h > 0 and not self.channelwise_y_weights else None
         if self.lmax_h == 0:
             if edge_weights is None:
                 padded = self.radial(slots.radial_padded)
-            weights = padded.view(padded.shape[0], padded.shape[1], self.num_radial_out // c, c)
-            a = self.scalar_message(h_up, weights[:, :, : self.max_ell + 1], slots)
+                weights = padded.view(padded.shape[0], padded.shape[1], self.num_radial_out // c, c)
+            else:
+                weights = edge_weights.view(edge_weights.shape[0], self.num_radial_out // c, c)
+            a = self.scalar_message(h_up, weights[..., : self.max_ell + 1, :], slots, per_edge=edge_weights is not None)
         elif self.channelwise_y_weights:
             weights = self.radial(edge_radial) if edge_weights is None else edge_weights
             weights = weights.view(weights.shape[0], self.num_radial_out // c, c)
