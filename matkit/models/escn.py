@@ -103,10 +103,16 @@ class ESCN(Potential):
     chiral : keep the imaginary SO(2) weights (reference eSCN; SO(3)- but not reflection-invariant).
     edge_grid, node_grid : (res_beta, res_alpha) of the edge-frame and node S^2 grids (defaults: see
         :func:`default_grids`).
+
+    The defaults are the shape of the bundled eSCN potentials (``escn-acac``; ``escn-si`` has 16 channels):
+    lmax 2, mmax 1, 32 channels. The reference eSCN shape (lmax 4, mmax 2, 64 channels) costs ~13x more per call
+    (9.7 s vs 0.75 s E+F on Si512, one thread): every edge rotates (lmax+1)^2 coefficients per channel into its
+    frame and back and evaluates the grid nonlinearity on its own S^2 grid, so the cost grows as ~lmax^2 to
+    lmax^3 times channels^2 per edge (``benchmarks/README.md``).
     """
 
-    def __init__(self, species: Sequence[int], cutoff: float = 5.0, num_layers: int = 2, lmax: int = 4,
-                 mmax: int = 2, sphere_channels: int = 64, hidden_channels: int = 64, edge_channels: int = 64,
+    def __init__(self, species: Sequence[int], cutoff: float = 5.0, num_layers: int = 2, lmax: int = 2,
+                 mmax: int = 1, sphere_channels: int = 32, hidden_channels: int = 32, edge_channels: int = 32,
                  num_radial: int = 32, basis_width: float = 1.0, envelope_exponent: int = 5,
                  avg_num_neighbors: float = 20.0, chiral: bool = False,
                  edge_grid: Optional[Sequence[int]] = None, node_grid: Optional[Sequence[int]] = None):
