@@ -107,7 +107,11 @@ def test_ctrl_c_during_convert_is_one_line_and_removes_the_work_file(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     process = subprocess.Popen([sys.executable, "-m", "matkit.cli", "data", "convert", str(source), str(out),
                                 "--format", "extxyz", "--no-progress", "--flush-frames", "64"],
-                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                               # SIGINT at its default in the child, as in a shell, even when this test runs in a
+                               # background job (which ignores SIGINT; the child would inherit that and never see
+                               # KeyboardInterrupt)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not glob.glob(str(tmp_path / "*.partial")) and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
