@@ -138,3 +138,17 @@ def test_tabulated_forces_are_the_gradient_and_tables_follow_the_weights():
     model.eval()
     model.layers[0].radial_mlp[0].weight.requires_grad_(True)     # trainable weights: never tabulated
     assert model._radial_tables(torch.zeros(1, dtype=torch.float64)) is None
+
+
+def test_a_model_with_built_tables_still_pickles_and_rebuilds_them():
+    import pickle
+
+    torch.manual_seed(4)
+    model = matkit.build("tensornet", species=[14], hidden_channels=8, num_rbf=4, cutoff=4.0)
+    atoms = _si_cell()
+    energy = _results(model, atoms)[0]                       # float32 default: tables built and cached
+    assert "_radial_table_cache" in model.__dict__
+    copy = pickle.loads(pickle.dumps(model))                 # e.g. a process pool or torch.save(model)
+    assert "_radial_table_cache" not in copy.__dict__
+    assert _results(copy, atoms)[0] == pytest.approx(energy, abs=1e-6)
+    assert "_radial_table_cache" in copy.__dict__

@@ -104,6 +104,12 @@ class Potential(KeepsFloat64):
     #: (eval mode, frozen weights) instead of evaluating the MLPs; 0 = exact MLPs. Set by the calculator.
     radial_table_knots: int = 0
 
+    def __getstate__(self):
+        # the radial tables are a cache of the weights (closures, not picklable): rebuilt on demand after unpickling
+        state = dict(super().__getstate__())
+        state.pop("_radial_table_cache", None)
+        return state
+
     @property
     def num_species(self) -> int:
         return len(self.species)
