@@ -77,14 +77,6 @@ def timing_structure(species):
     return None, None
 
 
-def dataset_species(path) -> list:
-    """The atomic numbers present in a matkit HDF5 dataset (a fine-tuned universal model keeps all its species)."""
-    import h5py
-
-    with h5py.File(path, "r") as h5:
-        return sorted(int(z) for z in np.unique(h5["atoms/atomic_numbers"][:]))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name")
@@ -133,7 +125,10 @@ def main(argv=None) -> int:
     test_section = evaluate_test_sets(folder, args.test, dataset)
 
     species = [int(z) for z in model.species]
-    atoms, label = timing_structure(dataset_species(ROOT / dataset) if len(species) > 1 else species)
+    from matkit.training.datasets import dataset_species, load_dataset
+
+    trained_on = dataset_species(load_dataset(str(ROOT / dataset), model.cutoff))  # a fine-tune keeps more
+    atoms, label = timing_structure(trained_on)
     if atoms is None:
         from matkit.data.dataset import HDF5Dataset
 
@@ -187,7 +182,6 @@ def main(argv=None) -> int:
                  f"structures: {split_sentence}. No separate test split exists for this data, so these are "
                  "validation errors, not test errors. |")
     start = ((meta.get("config") or {}).get("finetune") or {}).get("from_checkpoint")
-    trained_on = dataset_species(ROOT / dataset)
     shown = trained_on if start else species
     others = (f" (the other {len(species) - len(shown)} elements keep `{start}`'s values, on its scale, not this one)"
               if len(shown) < len(species) else "")

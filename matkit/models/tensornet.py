@@ -179,6 +179,11 @@ class Interaction(nn.Module):
         return X + dX + square
 
 
+def _distance_features(rbf, cutoff, proj, layers, d):
+    basis, cut = rbf(d), cutoff(d)
+    return [proj(basis) * cut[:, None]] + [layer.edge_factors(basis, cut) for layer in layers]
+
+
 @register("tensornet")
 class TensorNet(Potential):
     """TensorNet potential.
@@ -277,31 +282,24 @@ class TensorNet(Potential):
             radial = [table(d_pair) for table in tables]
             radial_self = [table(zero)[0] for table in tables] if self.self_loops else [None] * len(tables)
         else:
-            rbf_pair, cut_pair = self.rbf(d_pair), self._cutoff(d_pair)
-            rbf_self, cut_self = self.rbf(zero), self._cutoff(zero)
-            proj = self.embedding.distance_proj
-            radial = [proj(rbf_pair) * cut_pair[:, None]]
-            radial += [layer.edge_factors(rbf_pair, cut_pair) for layer in self.layers]
-            if self.self_loops:
-                radial_self = [(proj(rbf_self) * cut_self[:, None])[0]]
-                radial_self += [layer.edge_factors(rbf_self, cut_self)[0] for layer in self.layers]
-            else:
-                radial_self = [None] * len(radial)
+            radial = self.distance_features(d_pair)
+            radial_self = [f[0] for f in self.distance_features(zero)] if self.self_loops else [None] * len(radial)
         X = self.embedding(species, src, dst, unit, group, radial[0], radial_self[0])
         charge_factor = self._charge_factor(graph, n, X.dtype)
         for layer, factors, self_factors in zip(self.layers, radial[1:], radial_self[1:]):
             X = layer(X, src, dst, factors, group, self_factors, charge_factor)
         return X
 
+    def distance_features(self, d: torch.Tensor):
+        """The distance-only features, d (G,) Å -> [(G, 3F)]: the embedding's distance projection, then each
+        interaction's edge factors, all times the cutoff."""
+        return _distance_features(self.rbf, self._cutoff, self.embedding.distance_proj, self.layers, d)
+
     def _radial_functions(self):
-        """float64 copies of the distance-only features: d (G,) Å -> (G, 3F), embedding first, then each layer."""
-        rbf = copy.deepcopy(self.rbf).double()
-        proj = copy.deepcopy(self.embedding.distance_proj).double()
-        mlps = [copy.deepcopy(layer.radial_mlp).double() for layer in self.layers]
-        cut = self._cutoff
-        functions = [lambda d: proj(rbf(d)) * cut(d)[:, None]]
-        functions += [lambda d, mlp=mlp: mlp(rbf(d)) * cut(d)[:, None] for mlp in mlps]
-        return functions
+        """The functions the radial tables sample: the distance features of float64 copies, one per output."""
+        rbf, proj, layers = (copy.deepcopy(m).double() for m in (self.rbf, self.embedding.distance_proj, self.layers))
+        return [lambda d, k=k: _distance_features(rbf, self._cutoff, proj, layers, d)[k]
+                for k in range(1 + len(self.layers))]
 
     def _radial_tables(self, d: torch.Tensor):
         """The radial tables (embedding, then each layer) at inference, else None (see ``cached_tables``)."""

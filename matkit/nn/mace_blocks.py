@@ -284,24 +284,19 @@ class GauntInteraction(nn.Module):
         ``edge_weights`` (E, num_radial_out): the radial MLP's output if already known (radial tables)."""
         h_up = self.linear_up(h)
         c = self.num_channels
-        if edge_weights is not None:
-            padded = slots.pad(edge_weights) if self.lmax_h > 0 and not self.channelwise_y_weights else None
         if self.lmax_h == 0:
-            if edge_weights is None:
-                padded = self.radial(slots.radial_padded)
-                weights = padded.view(padded.shape[0], padded.shape[1], self.num_radial_out // c, c)
-            else:
-                weights = edge_weights.view(edge_weights.shape[0], self.num_radial_out // c, c)
-            a = self.scalar_message(h_up, weights[..., : self.max_ell + 1, :], slots, per_edge=edge_weights is not None)
+            per_edge = edge_weights is not None
+            weights = edge_weights if per_edge else self.radial(slots.radial_padded)
+            weights = weights.unflatten(-1, (self.num_radial_out // c, c))  # (E or N, M, L_Y+1, C)
+            a = self.scalar_message(h_up, weights[..., : self.max_ell + 1, :], slots, per_edge=per_edge)
         elif self.channelwise_y_weights:
             weights = self.radial(edge_radial) if edge_weights is None else edge_weights
             weights = weights.view(weights.shape[0], self.num_radial_out // c, c)
             a = self.grid_message(h_up, weights[:, self.max_ell + 1:], weights[:, : self.max_ell + 1], edge_sh,
                                   slots.src, slots.dst)
         else:
-            weights = self.radial(slots.radial_padded) if edge_weights is None else padded
-            padded = slots.radial_padded
+            weights = self.radial(slots.radial_padded) if edge_weights is None else slots.pad(edge_weights)
             n_h = (self.lmax_h + 1) * c
-            r1 = weights[..., :n_h].reshape(padded.shape[0], padded.shape[1], self.lmax_h + 1, c)
+            r1 = weights[..., :n_h].reshape(slots.num_nodes, slots.max_neighbours, self.lmax_h + 1, c)
             a = self.shared_y_grid_message(h_up, r1, weights[..., n_h:], slots)
         return self.linear(a) / self.avg_num_neighbors
