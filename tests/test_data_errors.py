@@ -110,13 +110,19 @@ def test_truncated_json_names_position(tmp_path):
     assert not (tmp_path / "out.h5").exists()
 
 
-def test_mptrj_missing_key_names_frame(tmp_path):
+def mptrj_without_force(tmp_path):
+    """``(path, mp_id, frame_id)``: the MPtrj fixture with the "force" key of its first frame deleted."""
     data = json.load(open(os.path.join(FIXTURES, "mptrj_sample.json")))
     mp_id = next(iter(data))
     frame_id = next(iter(data[mp_id]))
     del data[mp_id][frame_id]["force"]
     source = tmp_path / "mptrj.json"
     json.dump(data, open(source, "w"))
+    return source, mp_id, frame_id
+
+
+def test_mptrj_missing_key_names_frame(tmp_path):
+    source, mp_id, frame_id = mptrj_without_force(tmp_path)
     with pytest.raises(ValueError, match=f"MPtrj frame {mp_id}/{frame_id} lacks key\\(s\\) \\['force'\\]"):
         convert(source, tmp_path / "out.h5", "mptrj", progress=False, strict=True)
 

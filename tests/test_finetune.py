@@ -14,6 +14,7 @@ from matkit.checkpoint import read_checkpoint
 from matkit.potentials import checkpoint_path
 from matkit.training import ConfigError, GraphListDataset, config_from_dict, train
 from matkit.training.datasets import load_dataset
+from test_training_support import config_with
 
 ROOT = Path(__file__).resolve().parents[1]
 MO = ROOT / "datasets" / "mlearn_mo.h5"
@@ -38,9 +39,7 @@ def _config(out_dir, **sections):
            "loss": {"energy_weight": 1.0, "forces_weight": 1.0, "stress_weight": 0.0},
            "optim": {"lr": 1e-5, "epochs": 1, "max_steps": 1, "warmup_steps": 0},
            "run": {"out_dir": str(out_dir), "parity_plots": False, "progress": "off"}}
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value)
-    return config_from_dict(cfg)
+    return config_with(cfg, **sections)
 
 
 def test_finetune_from_bundled_name_refits_reference_energies_first(tmp_path):

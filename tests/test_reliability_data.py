@@ -23,7 +23,7 @@ import pytest
 from matkit.data import FrameFile, HDF5FormatError, HDF5Writer, convert, verify_file
 from matkit.data.converters import BadItemError, SkippedFrameWarning, read_mp20csv
 from matkit.data.hdf5 import content_hash, stale_partials
-from test_data_errors import make_frame, write
+from test_data_errors import make_frame, mptrj_without_force, write
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -343,12 +343,7 @@ def test_one_bad_frame_never_stops_the_other_converters(tmp_path):
     assert counts["frames_added"] == 3 and counts["frames_skipped"] == 1
     assert [f.id for f in FrameFile(tmp_path / "si.h5")] == ["Si-0", "Si-1", "Si-3"]
 
-    data = json.load(open(fixture("mptrj_sample.json")))
-    mp_id = next(iter(data))
-    frame_id = next(iter(data[mp_id]))
-    del data[mp_id][frame_id]["force"]
-    source = tmp_path / "mptrj.json"
-    json.dump(data, open(source, "w"))
+    source, mp_id, frame_id = mptrj_without_force(tmp_path)
     with pytest.warns(SkippedFrameWarning, match=f"MPtrj frame {mp_id}/{frame_id} lacks key"):
         counts = convert(source, tmp_path / "mptrj.h5", "mptrj", progress=False)
     assert counts["frames_added"] == 10 and counts["frames_skipped"] == 1

@@ -29,8 +29,8 @@ from matkit.checkpoint import (CHECKSUM_KEY, FORMAT_VERSION, CheckpointError, lo
 from matkit.cli import main as matkit_main
 from matkit.data.hdf5 import verify_file
 from matkit.models import build
-from matkit.training import ConfigError, GraphListDataset, config_from_dict, train
-from test_training_support import mlearn_si_graphs
+from matkit.training import ConfigError, GraphListDataset, train
+from test_training_support import config_with, mlearn_si_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "potentials" / "tensornet-si" / "model.pt"
@@ -44,9 +44,7 @@ def _config(out_dir, **sections):
         "optim": {"lr": 2e-2, "epochs": 1, "ema_decay": 0.0},
         "run": {"out_dir": str(out_dir), "seed": 0, "parity_plots": False, "progress": "off"},
     }
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value)
-    return config_from_dict(cfg)
+    return config_with(cfg, **sections)
 
 
 # ---- 1. energy-only training ----------------------------------------------------------------------------------

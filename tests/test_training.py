@@ -23,7 +23,7 @@ from matkit.training import ConfigError, GraphListDataset, Trainer, config_from_
 from matkit.training.evaluate import evaluate_model
 from matkit.training.losses import batch_targets, loss_counts, loss_terms, voigt_to_matrix
 from matkit.training.stats import DatasetStatistics, fit_reference_energies, refit_reference_energies
-from test_training_support import mlearn_si_atoms, mlearn_si_graphs
+from test_training_support import config_with, mlearn_si_atoms, mlearn_si_graphs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,9 +36,7 @@ def _base(out_dir, **sections):
         "optim": {"lr": 2e-2, "epochs": 2, "warmup_steps": 2},
         "run": {"out_dir": str(out_dir), "seed": 0, "parity_plots": False},
     }
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value)
-    return config_from_dict(cfg)
+    return config_with(cfg, **sections)
 
 
 # ---- configuration ----------------------------------------------------------------------------------------------

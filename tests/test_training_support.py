@@ -134,6 +134,16 @@ def mlearn_si_graphs(n: int, cutoff: float = 3.5, dtype=torch.float64):
     return graphs
 
 
+def config_with(defaults: dict, **sections):
+    """A validated training config: ``defaults`` ({section: {key: value}}) with each of ``sections`` updated in."""
+    from matkit.training import config_from_dict
+
+    cfg = {key: dict(value) for key, value in defaults.items()}
+    for key, value in sections.items():
+        cfg.setdefault(key, {}).update(value)
+    return config_from_dict(cfg)
+
+
 # ---- checks of the test potential itself ------------------------------------------------------------------------
 def test_pair_mlp_forces_and_stress_match_finite_differences():
     torch.manual_seed(0)
