@@ -105,10 +105,9 @@ class ESCN(Potential):
         :func:`default_grids`).
 
     The defaults are the shape of the bundled eSCN potentials (``escn-acac``; ``escn-si`` has 16 channels):
-    lmax 2, mmax 1, 32 channels. The reference eSCN shape (lmax 4, mmax 2, 64 channels) costs ~13x more per call
-    (9.7 s vs 0.75 s E+F on Si512, one thread): every edge rotates (lmax+1)^2 coefficients per channel into its
-    frame and back and evaluates the grid nonlinearity on its own S^2 grid, so the cost grows as ~lmax^2 to
-    lmax^3 times channels^2 per edge (``benchmarks/README.md``).
+    lmax 2, mmax 1, 32 channels. Larger shapes cost much more: every edge rotates (lmax+1)^2 coefficients per
+    channel into its frame and back and evaluates the grid nonlinearity on its own S^2 grid, so the cost per edge
+    grows as ~lmax^2 to lmax^3 times channels^2 (timings in ``benchmarks/README.md``).
     """
 
     def __init__(self, species: Sequence[int], cutoff: float = 5.0, num_layers: int = 2, lmax: int = 2,

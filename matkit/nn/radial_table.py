@@ -8,9 +8,9 @@ float64 (forward-mode autograd, exact derivatives) and evaluates the cubic Hermi
 
 Error: the spline matches values and first derivatives at the knots; between them its error is at most
 ``h^4 / 384 * max |f''''|`` (``h = (cutoff - start) / (knots - 1)``), which ``RadialTable.max_error`` measures
-against ``f`` at the midpoints. With 2048 knots over 5 Å (the calculator's float32 default) TensorNet's and
-Gaunt-MACE's energies move by ~1e-13 eV/atom and forces by ~1e-9 eV/Å against the exact MLPs in float64
-(``tests/test_radial_table.py``), far below float32 rounding; float64 inference keeps the exact MLPs by default.
+against ``f`` at the midpoints. With the calculator's float32 default (2048 knots) it is far below float32
+rounding for the bundled models (``tests/test_radial_table.py``, numbers in ``benchmarks/README.md``); float64
+inference keeps the exact MLPs by default.
 
 The table is only valid for the weights it was built from: :func:`parameter_versions` gives a key that changes
 whenever a parameter is modified in place (optimiser steps, ``load_state_dict``), and callers rebuild on change.
