@@ -29,8 +29,8 @@ class MatkitCalculator(Calculator):
     skin : Verlet skin in Å; the neighbour list is rebuilt only when an atom moved more than skin/2 or the cell
         changed, and reused across MD steps otherwise. 0 rebuilds every call.
     radial_table : knots of the splines that replace radial MLPs at inference in models that have them
-        (:mod:`matkit.nn.radial_table`; TensorNet, Gaunt-MACE). Default: 2048 in float32, where the spline's error is below
-        the rounding of the exact MLP; 0 (the exact MLPs) in float64. 0 switches them off.
+        (:mod:`matkit.nn.radial_table`; TensorNet, Gaunt-MACE). Default: 2048 in float32, where the spline's error
+        is below the rounding of the exact MLP; 0 (the exact MLPs) in float64. 0 switches them off.
 
     Properties: energy and free_energy (eV), forces (eV/Å), stress (eV/Å^3, Voigt xx yy zz yz xz xy, tensile
     positive; needs a 3D periodic cell), energies (per-atom, eV). Forces and stress are gradients of the energy.
