@@ -43,7 +43,8 @@ from torch import nn
 from ..graph import graph_batch_vector  # noqa: F401  (kept for API symmetry with other models)
 from ..nn.escn_blocks import EdgeEmbedding, sphere_mlp
 from ..nn.radial import PolynomialEnvelope
-from ..nn.sphere_grid import SphereGrid
+from ..nn.escn_kernels import RotateGather, RotateScatter
+from ..nn.sphere_grid import SphereGrid, degree_of_coefficient
 from ..nn.so2 import SO2Convolution, TruncatedLayout
 from ..nn.wigner import WignerD, edge_frame_rotation
 from .base import Potential, register
@@ -66,11 +67,11 @@ class MessageBlock(nn.Module):
         self.so2 = SO2Convolution(lmax, mmax, 2 * channels, channels, hidden, edge_channels, chiral)
         self.grid = SphereGrid(lmax, resolution=edge_grid, kept=kept)
 
-    def forward(self, x_source, x_target, distance, species_source, species_target):
-        """Edge-frame coefficients (E, K_t, C) of both ends -> message (E, K_t, C) in the edge frame."""
+    def forward(self, x_edge, distance, species_source, species_target):
+        """Edge-frame coefficients of both ends, channels concatenated (E, K_t, 2C) -> message (E, K_t, C) in the
+        edge frame."""
         edge = self.edge_embedding(distance, species_source, species_target)
-        h = self.so2(torch.cat([x_source, x_target], -1), edge)
-        return self.grid.from_grid(torch.nn.functional.silu(self.grid.to_grid(h)))
+        return self.grid.silu(self.so2(x_edge, edge))
 
 
 class NodeUpdate(nn.Module):
@@ -131,6 +132,7 @@ class ESCN(Potential):
         self.avg_num_neighbors = float(avg_num_neighbors)
         layout = TruncatedLayout(lmax, mmax)
         self.register_buffer("kept", layout.kept, persistent=False)
+        self.register_buffer("row_degree", degree_of_coefficient(lmax)[layout.kept], persistent=False)
         self.wigner = WignerD(lmax)
         self.envelope = PolynomialEnvelope(cutoff, envelope_exponent)
         self.embedding = nn.Embedding(self.num_species, sphere_channels)
@@ -169,13 +171,21 @@ class ESCN(Potential):
             rotation = self.edge_rotations(edge_vec)                          # (E, K_t, K)
             weight = (self.envelope(distance) / self.avg_num_neighbors)[:, None, None]
             species_source, species_target = species[source], species[target]
+        kernels = not self.training and edge_vec.device.type == "cpu"   # matkit.nn.escn_kernels (first order)
         for layer, (message_block, update) in enumerate(zip(self.messages, self.updates)):
             aggregated = torch.zeros_like(x)
             if edge_vec.shape[0] > 0:
-                message = message_block(rotation @ x[source], rotation @ x[target], distance,
-                                        species_source, species_target)
-                message = rotation.transpose(1, 2) @ message * weight        # (E, K, C), global frame
-                aggregated = aggregated.index_add(0, target, message)
+                if kernels:
+                    x_edge = RotateGather.apply(x, rotation, source, target, self.row_degree)
+                else:
+                    x_edge = torch.cat([rotation @ x.index_select(0, source),
+                                        rotation @ x.index_select(0, target)], -1)   # (E, K_t, 2C)
+                message = message_block(x_edge, distance, species_source, species_target)   # (E, K_t, C)
+                if kernels:
+                    aggregated = RotateScatter.apply(message, rotation, weight.view(-1), target, self.row_degree, n)
+                else:
+                    message = rotation.transpose(1, 2) @ message * weight        # (E, K, C), global frame
+                    aggregated = aggregated.index_add(0, target, message)
             delta = update(x, aggregated)
             x = delta if layer == 0 else x + delta
         return self.node_grid.mean(self.energy_mlp(self.node_grid.to_grid(x))).squeeze(-1)

@@ -108,11 +108,9 @@ class SO2Convolution(nn.Module):
                                                     hidden_channels) for m in range(1, mmax + 1)]) if chiral else None
         self.num_gates = 1 + mmax * (2 if chiral else 1)
         self.gate = nn.Linear(edge_channels, self.num_gates * hidden_channels)
-        for name in ("zero_m", "kept"):
-            self.register_buffer(name, getattr(lay, name), persistent=False)
-        for m in range(1, mmax + 1):
-            self.register_buffer(f"plus_{m}", lay.plus[m], persistent=False)
-            self.register_buffer(f"minus_{m}", lay.minus[m], persistent=False)
+        m_major = torch.cat([lay.zero_m] + [torch.cat([lay.plus[m], lay.minus[m]]) for m in range(1, mmax + 1)])
+        self.register_buffer("m_major", m_major, persistent=False)                 # m-major position -> l-major
+        self.register_buffer("l_major", torch.argsort(m_major), persistent=False)  # and back
 
     def gates(self, edge_features: torch.Tensor) -> torch.Tensor:
         """(E, edge_channels) -> (E, num_gates, H)."""
@@ -122,21 +120,22 @@ class SO2Convolution(nn.Module):
         """x (E, K_t, C_in) edge-frame coefficients, truncated layout; edge_features (E, edge_channels)."""
         e = x.shape[0]
         gates = self.gates(edge_features)
-        out = x.new_zeros((e, self.layout.size, self.out_channels))
-        y0 = self.m0(x[:, self.zero_m].reshape(e, -1), gates[:, 0])
-        out[:, self.zero_m] = y0.view(e, -1, self.out_channels)
+        # one permutation to m-major order ([m=0: l=0..L], [+1: l=1..L], [-1: l=1..L], [+2: ...], ...) makes every
+        # block below a contiguous slice (index_select's backward is an index_add, not an indexed put)
+        xm = x.index_select(1, self.m_major)
+        n0 = self.layout.degrees(0)
+        blocks = [self.m0(xm[:, :n0].reshape(e, -1), gates[:, 0]).view(e, n0, self.out_channels)]
+        offset = n0
         for m in range(1, self.layout.mmax + 1):
-            plus, minus = getattr(self, f"plus_{m}"), getattr(self, f"minus_{m}")
-            pair = torch.stack([x[:, plus].reshape(e, -1), x[:, minus].reshape(e, -1)], 1)  # (E, 2, n*C)
-            real = self.real[m - 1](pair, gates[:, m])
-            y_plus, y_minus = real[:, 0], real[:, 1]
+            n = self.layout.degrees(m)
+            pair = xm[:, offset:offset + 2 * n].reshape(e, 2, n * x.shape[-1])   # (E, 2, n*C): (+m, -m)
+            offset += 2 * n
+            out = self.real[m - 1](pair, gates[:, m])
             if self.chiral:
                 imag = self.imag[m - 1](pair, gates[:, self.layout.mmax + m])
-                y_plus = y_plus - imag[:, 1]
-                y_minus = y_minus + imag[:, 0]
-            out[:, plus] = y_plus.view(e, -1, self.out_channels)
-            out[:, minus] = y_minus.view(e, -1, self.out_channels)
-        return out
+                out = out + torch.stack([-imag[:, 1], imag[:, 0]], 1)
+            blocks.append(out.view(e, 2 * n, self.out_channels))
+        return torch.cat(blocks, 1).index_select(1, self.l_major)
 
     def effective_weights(self, edge_features: torch.Tensor) -> dict:
         """Per-edge linear maps: ``{0: W_0, m: (W_m^r, W_m^i or None)}``, W (E, n_l*C_out, n_l*C_in).

@@ -19,6 +19,7 @@ import torch
 from e3nn import o3
 
 from .precision import KeepsFloat64
+from .sphere_grid_kernels import GridSiLU
 
 __all__ = ["grid_size_for_degree", "sphere_points", "spherical_harmonics", "degree_of_coefficient", "SphereGrid"]
 
@@ -110,6 +111,19 @@ class SphereGrid(KeepsFloat64):
     def from_grid(self, values: torch.Tensor) -> torch.Tensor:
         """Values (..., P, C) -> coefficients (..., K_out, C) by quadrature (projection onto the harmonics)."""
         return torch.matmul(self.from_grid_matrix(values.dtype), values)
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """``from_grid(silu(to_grid(x)))``: SiLU applied pointwise on the sphere, (..., K_in, C) -> (..., K_out, C).
+
+        At inference (eval mode) on CPU this is one Numba pass that keeps each feature's grid values in cache
+        (:mod:`matkit.nn.sphere_grid_kernels`, first-order gradients); in training, or on other devices, torch ops
+        (which support the double backward of force training)."""
+        if not self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            shape = x.shape
+            out = GridSiLU.apply(x.reshape(-1, shape[-2], shape[-1]), self.to_grid_matrix(x.dtype),
+                                 self.from_grid_matrix(x.dtype))
+            return out.view(*shape[:-2], out.shape[-2], shape[-1])
+        return self.from_grid(torch.nn.functional.silu(self.to_grid(x)))
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         """Average over the sphere of values (..., P, C) -> (..., C)."""
