@@ -28,6 +28,7 @@ _OPTIONS = dict(fastmath={"reassoc", "contract"}, error_model="numpy", cache=Tru
 def _gather_forward(x, D, src, dst, degree, out):
     C = x.shape[2]
     for e in range(D.shape[0]):
+        s, t = src[e], dst[e]    # hoisted: the compiler cannot prove the writes below leave them unchanged
         for k in range(D.shape[1]):
             l = degree[k]
             for c in range(2 * C):
@@ -35,9 +36,9 @@ def _gather_forward(x, D, src, dst, degree, out):
             for j in range(l * l, (l + 1) * (l + 1)):
                 d = D[e, k, j]
                 for c in range(C):
-                    out[e, k, c] += d * x[src[e], j, c]
+                    out[e, k, c] += d * x[s, j, c]
                 for c in range(C):
-                    out[e, k, C + c] += d * x[dst[e], j, c]
+                    out[e, k, C + c] += d * x[t, j, c]
 
 
 @njit(**_OPTIONS)

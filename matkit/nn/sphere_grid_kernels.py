@@ -2,10 +2,11 @@
 
 eSCN applies this to every edge's message (``h`` (E, K, C) edge-frame coefficients, a grid of P points). As torch
 ops the grid values (E, P, C) are materialised three times (values, SiLU, and again in the backward pass), which
-on Si512 is ~60 MB per tensor for a few FLOPs per byte: the ops are bound by memory traffic. The kernel goes edge
-by edge with the (P, C) values in cache: forward ``g = T h``, ``out = F silu(g)``; backward recomputes ``g`` and
-returns ``grad_h = T^T (silu'(g) * F^T grad_out)``, with ``T`` (P, K) and ``F`` (K_out, P) the matrices of
-:class:`matkit.nn.sphere_grid.SphereGrid`. First-order only and serial, like :mod:`matkit.nn.tensornet_kernels`.
+on Si512 is ~60 MB per tensor for a few FLOPs per byte: the ops are bound by memory traffic. The kernel goes through
+the edges in tiles of ``TILE`` with the tile's (P, TILE * C) values in cache: forward ``g = T h``,
+``out = F silu(g)``; backward recomputes ``g`` and returns ``grad_h = T^T (silu'(g) * F^T grad_out)``, with
+``T`` (P, K) and ``F`` (K_out, P) the matrices of :class:`matkit.nn.sphere_grid.SphereGrid`; the products are
+BLAS calls (``np.dot``) on the tile. First-order only and serial, like :mod:`matkit.nn.tensornet_kernels`.
 
 Numba here has no vector math library, so ``np.exp`` is a scalar call per value, which would cost more than the
 rest of the kernel. In float32 the sigmoid uses an exponential that vectorises: ``exp(v) = 2^k exp(r)`` with
@@ -62,70 +63,70 @@ def _sigmoid(g, s, bits, fast):
         _sigmoid_exact(g, s)
 
 
+#: edges per tile: the tile's grid values (P, TILE * C) stay in cache, and each product is one BLAS call
+TILE = 8
+
+
 @njit(**_OPTIONS)
-def _to_grid(T, h, e, g):
-    """g (P, C) = T (P, K) @ h[e] (K, C)."""
-    P, K = T.shape
-    C = h.shape[2]
-    for p in range(P):
-        for c in range(C):
-            g[p, c] = 0.0
+def _load_tile(a, e0, nb, tile):
+    """tile (K, TILE * C) <- a[e0:e0 + nb] (nb, K, C) transposed; columns of absent edges are zero."""
+    K, C = a.shape[1], a.shape[2]
+    if nb * C < tile.shape[1]:
+        tile[:] = 0.0
+    for b in range(nb):
         for k in range(K):
-            t = T[p, k]
             for c in range(C):
-                g[p, c] += t * h[e, k, c]
+                tile[k, b * C + c] = a[e0 + b, k, c]
+
+
+@njit(**_OPTIONS)
+def _store_tile(tile, e0, nb, a):
+    """a[e0:e0 + nb] (nb, K, C) <- tile (K, TILE * C)."""
+    K, C = a.shape[1], a.shape[2]
+    for b in range(nb):
+        for k in range(K):
+            for c in range(C):
+                a[e0 + b, k, c] = tile[k, b * C + c]
 
 
 @njit(**_OPTIONS)
 def _forward(T, F, h, fast, out):
-    P, C = T.shape[0], h.shape[2]
-    g = np.empty((P, C), dtype=h.dtype)
-    s = np.empty((P, C), dtype=h.dtype)
-    bits = np.empty((P, C), dtype=np.int32)
-    for e in range(h.shape[0]):
-        _to_grid(T, h, e, g)
+    E, K, C = h.shape
+    P, width = T.shape[0], TILE * C
+    hin, g, s = np.empty((K, width), h.dtype), np.empty((P, width), h.dtype), np.empty((P, width), h.dtype)
+    o, bits = np.empty((F.shape[0], width), h.dtype), np.empty((P, width), np.int32)
+    for e0 in range(0, E, TILE):
+        nb = min(TILE, E - e0)
+        _load_tile(h, e0, nb, hin)
+        np.dot(T, hin, g)
         _sigmoid(g, s, bits, fast)
         for p in range(P):
-            for c in range(C):
-                s[p, c] *= g[p, c]
-        for k in range(F.shape[0]):
-            for c in range(C):
-                out[e, k, c] = 0.0
-            for p in range(P):
-                f = F[k, p]
-                for c in range(C):
-                    out[e, k, c] += f * s[p, c]
+            for i in range(width):
+                s[p, i] *= g[p, i]
+        np.dot(F, s, o)
+        _store_tile(o, e0, nb, out)
 
 
 @njit(**_OPTIONS)
 def _backward(T, F, h, grad_out, fast, grad_h):
-    P, K = T.shape
-    C = h.shape[2]
-    g = np.empty((P, C), dtype=h.dtype)
-    s = np.empty((P, C), dtype=h.dtype)
-    d = np.empty((P, C), dtype=h.dtype)
-    bits = np.empty((P, C), dtype=np.int32)
-    for e in range(h.shape[0]):
-        _to_grid(T, h, e, g)
+    E, K, C = h.shape
+    P, width = T.shape[0], TILE * C
+    Tt, Ft = np.ascontiguousarray(T.T), np.ascontiguousarray(F.T)
+    hin, gin = np.empty((K, width), h.dtype), np.empty((F.shape[0], width), h.dtype)
+    g, s, d = np.empty((P, width), h.dtype), np.empty((P, width), h.dtype), np.empty((P, width), h.dtype)
+    gh, bits = np.empty((K, width), h.dtype), np.empty((P, width), np.int32)
+    for e0 in range(0, E, TILE):
+        nb = min(TILE, E - e0)
+        _load_tile(h, e0, nb, hin)
+        _load_tile(grad_out, e0, nb, gin)
+        np.dot(T, hin, g)
         _sigmoid(g, s, bits, fast)
+        np.dot(Ft, gin, d)
         for p in range(P):
-            for c in range(C):
-                d[p, c] = 0.0
-        for k in range(F.shape[0]):
-            for p in range(P):
-                f = F[k, p]
-                for c in range(C):
-                    d[p, c] += f * grad_out[e, k, c]
-        for p in range(P):
-            for c in range(C):
-                d[p, c] *= s[p, c] + g[p, c] * (s[p, c] - s[p, c] * s[p, c])   # silu'(g), no float64 literal
-        for k in range(K):
-            for c in range(C):
-                grad_h[e, k, c] = 0.0
-            for p in range(P):
-                t = T[p, k]
-                for c in range(C):
-                    grad_h[e, k, c] += t * d[p, c]
+            for i in range(width):
+                d[p, i] *= s[p, i] + g[p, i] * (s[p, i] - s[p, i] * s[p, i])   # silu'(g), no float64 literal
+        np.dot(Tt, d, gh)
+        _store_tile(gh, e0, nb, grad_h)
 
 
 class GridSiLU(torch.autograd.Function):
