@@ -118,6 +118,14 @@ def test_so2_convolution_equals_cg_so3_convolution(lmax, mmax, chiral):
     d = WignerD(lmax).to(F64)(edge_frame_rotation(v))[:, layout.kept]
     y_so2 = d.transpose(1, 2) @ conv(d @ x, edge_features.expand(n_edges, -1))
 
+    # the same convolution on m-major coefficients (eSCN's edge-frame order) gives the same result
+    conv_m = SO2Convolution(lmax, mmax, c_in, c_out, hidden_channels=4, edge_channels=edge_channels,
+                            chiral=chiral, order="m").to(F64)
+    conv_m.load_state_dict(conv.state_dict())
+    d_m = WignerD(lmax).to(F64)(edge_frame_rotation(v))[:, TruncatedLayout(lmax, mmax, order="m").kept]
+    y_m = d_m.transpose(1, 2) @ conv_m(d_m @ x, edge_features.expand(n_edges, -1))
+    np.testing.assert_allclose(y_m.detach(), y_so2.detach(), rtol=0, atol=1e-13)
+
     with float64_default():
         tp, tp_weights, irreps_out = e3nn_so3_convolution(paths, lmax, c_in, c_out)
         tp = tp.to(F64)

@@ -64,7 +64,7 @@ class MessageBlock(nn.Module):
                  basis_width, chiral, edge_grid, kept):
         super().__init__()
         self.edge_embedding = EdgeEmbedding(num_species, cutoff, num_radial, edge_channels, basis_width)
-        self.so2 = SO2Convolution(lmax, mmax, 2 * channels, channels, hidden, edge_channels, chiral)
+        self.so2 = SO2Convolution(lmax, mmax, 2 * channels, channels, hidden, edge_channels, chiral, order="m")
         self.grid = SphereGrid(lmax, resolution=edge_grid, kept=kept)
 
     def forward(self, x_edge, distance, species_source, species_target):
@@ -130,7 +130,7 @@ class ESCN(Potential):
                              f"res_alpha >= 2*lmax+1 = {2 * lmax + 1}")
         self.lmax, self.mmax, self.channels = lmax, mmax, sphere_channels
         self.avg_num_neighbors = float(avg_num_neighbors)
-        layout = TruncatedLayout(lmax, mmax)
+        layout = TruncatedLayout(lmax, mmax, order="m")   # edge-frame coefficients m-major (matkit.nn.so2)
         self.register_buffer("kept", layout.kept, persistent=False)
         self.register_buffer("row_degree", degree_of_coefficient(lmax)[layout.kept], persistent=False)
         self.wigner = WignerD(lmax)
@@ -157,7 +157,7 @@ class ESCN(Potential):
             nn.init.normal_(block.edge_embedding.distance.weight, std=block.edge_embedding.basis.norm_factor)
 
     def edge_rotations(self, edge_vec: torch.Tensor) -> torch.Tensor:
-        """Wigner matrices into the edge frame, rows truncated to |m| <= mmax: (E, K_t, K)."""
+        """Wigner matrices into the edge frame, rows truncated to |m| <= mmax, m-major (TruncatedLayout): (E, K_t, K)."""
         return self.wigner(edge_frame_rotation(edge_vec))[:, self.kept]
 
     def raw_atomic_energies(self, graph, species: torch.Tensor, edge_vec: torch.Tensor) -> torch.Tensor:

@@ -28,25 +28,34 @@ __all__ = ["TruncatedLayout", "SO2Convolution"]
 
 
 class TruncatedLayout:
-    """Index bookkeeping for coefficients with ``l <= lmax`` and ``|m| <= mmax`` (l-major, ``K_t`` of them).
+    """Index bookkeeping for coefficients with ``l <= lmax`` and ``|m| <= mmax`` (``K_t`` of them).
+
+    ``order="l"``: l-major (the order of the full layout, restricted). ``order="m"``: m-major, blocks
+    ``[m=0: l=0..lmax], [+1: l=1..lmax], [-1: l=1..lmax], [+2: l=2..lmax], ...``, in which every block of the
+    SO(2) convolution is a contiguous slice (eSCN keeps its edge-frame coefficients in this order).
 
     Attributes
     ----------
-    kept : (K_t,) indices into the full l-major layout ``(lmax+1)^2`` of the kept coefficients.
+    kept : (K_t,) indices into the full l-major layout ``(lmax+1)^2`` of the kept coefficients, in this order.
     zero_m : (lmax+1,) positions (in the truncated layout) of the m = 0 coefficients, l = 0..lmax.
     plus[m], minus[m] : (lmax+1-m,) positions of the +m / -m coefficients for l = m..lmax, m = 1..mmax.
     """
 
-    def __init__(self, lmax: int, mmax: int):
+    def __init__(self, lmax: int, mmax: int, order: str = "l"):
         if not 0 <= mmax <= lmax:
             raise ValueError(f"need 0 <= mmax <= lmax, got lmax={lmax}, mmax={mmax}")
-        self.lmax, self.mmax = int(lmax), int(mmax)
+        if order not in ("l", "m"):
+            raise ValueError(f"order must be 'l' or 'm', got {order!r}")
+        self.lmax, self.mmax, self.order = int(lmax), int(mmax), order
+        if order == "l":
+            pairs = [(l, m) for l in range(lmax + 1) for m in range(-l, l + 1) if abs(m) <= mmax]
+        else:
+            pairs = [(l, 0) for l in range(lmax + 1)]
+            pairs += [(l, s * m) for m in range(1, mmax + 1) for s in (1, -1) for l in range(m, lmax + 1)]
         kept, position = [], {}
-        for l in range(lmax + 1):
-            for m in range(-l, l + 1):
-                if abs(m) <= mmax:
-                    position[(l, m)] = len(kept)
-                    kept.append(l * l + l + m)
+        for l, m in pairs:
+            position[(l, m)] = len(kept)
+            kept.append(l * l + l + m)
         self.kept = torch.tensor(kept, dtype=torch.long)
         self.zero_m = torch.tensor([position[(l, 0)] for l in range(lmax + 1)], dtype=torch.long)
         self.plus = [None] + [torch.tensor([position[(l, m)] for l in range(m, lmax + 1)])
@@ -91,12 +100,13 @@ class SO2Convolution(nn.Module):
     hidden_channels : bottleneck size H of every per-m map.
     edge_channels : size of the invariant edge features that generate the weights.
     chiral : include the ``W^i`` (imaginary) part; SO(3)- but not reflection-equivariant.
+    order : ``"l"`` or ``"m"``, the :class:`TruncatedLayout` order of the input and output coefficients.
     """
 
     def __init__(self, lmax: int, mmax: int, in_channels: int, out_channels: int, hidden_channels: int,
-                 edge_channels: int, chiral: bool = False):
+                 edge_channels: int, chiral: bool = False, order: str = "l"):
         super().__init__()
-        self.layout = TruncatedLayout(lmax, mmax)
+        self.layout = TruncatedLayout(lmax, mmax, order)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.hidden = hidden_channels
         self.chiral = bool(chiral)
@@ -111,6 +121,7 @@ class SO2Convolution(nn.Module):
         m_major = torch.cat([lay.zero_m] + [torch.cat([lay.plus[m], lay.minus[m]]) for m in range(1, mmax + 1)])
         self.register_buffer("m_major", m_major, persistent=False)                 # m-major position -> l-major
         self.register_buffer("l_major", torch.argsort(m_major), persistent=False)  # and back
+        self.block_sizes = [lay.degrees(0)] + [2 * lay.degrees(m) for m in range(1, mmax + 1)]
 
     def gates(self, edge_features: torch.Tensor) -> torch.Tensor:
         """(E, edge_channels) -> (E, num_gates, H)."""
@@ -120,22 +131,24 @@ class SO2Convolution(nn.Module):
         """x (E, K_t, C_in) edge-frame coefficients, truncated layout; edge_features (E, edge_channels)."""
         e = x.shape[0]
         gates = self.gates(edge_features)
-        # one permutation to m-major order ([m=0: l=0..L], [+1: l=1..L], [-1: l=1..L], [+2: ...], ...) makes every
-        # block below a contiguous slice (index_select's backward is an index_add, not an indexed put)
-        xm = x.index_select(1, self.m_major)
+        # in m-major order ([m=0: l=0..L], [+1: l=1..L], [-1: l=1..L], [+2: ...], ...) every block is a contiguous
+        # slice; l-major input is permuted once. split, not slicing: the backward of a slice writes into a
+        # zero-filled copy of the whole input
+        if self.layout.order == "l":
+            x = x.index_select(1, self.m_major)
+        parts = x.split(self.block_sizes, dim=1)
         n0 = self.layout.degrees(0)
-        blocks = [self.m0(xm[:, :n0].reshape(e, -1), gates[:, 0]).view(e, n0, self.out_channels)]
-        offset = n0
+        blocks = [self.m0(parts[0].reshape(e, -1), gates[:, 0]).view(e, n0, self.out_channels)]
         for m in range(1, self.layout.mmax + 1):
             n = self.layout.degrees(m)
-            pair = xm[:, offset:offset + 2 * n].reshape(e, 2, n * x.shape[-1])   # (E, 2, n*C): (+m, -m)
-            offset += 2 * n
+            pair = parts[m].reshape(e, 2, n * x.shape[-1]).contiguous()   # (E, 2, n*C): (+m, -m); one matmul
             out = self.real[m - 1](pair, gates[:, m])
             if self.chiral:
                 imag = self.imag[m - 1](pair, gates[:, self.layout.mmax + m])
                 out = out + torch.stack([-imag[:, 1], imag[:, 0]], 1)
             blocks.append(out.view(e, 2 * n, self.out_channels))
-        return torch.cat(blocks, 1).index_select(1, self.l_major)
+        out = torch.cat(blocks, 1)
+        return out.index_select(1, self.l_major) if self.layout.order == "l" else out
 
     def effective_weights(self, edge_features: torch.Tensor) -> dict:
         """Per-edge linear maps: ``{0: W_0, m: (W_m^r, W_m^i or None)}``, W (E, n_l*C_out, n_l*C_in).
