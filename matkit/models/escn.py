@@ -157,7 +157,7 @@ class ESCN(Potential):
             nn.init.normal_(block.edge_embedding.distance.weight, std=block.edge_embedding.basis.norm_factor)
 
     def edge_rotations(self, edge_vec: torch.Tensor) -> torch.Tensor:
-        """Wigner matrices into the edge frame, rows truncated to |m| <= mmax, m-major (TruncatedLayout): (E, K_t, K)."""
+        """Wigner matrices into the edge frame, rows truncated to |m| <= mmax, m-major: (E, K_t, K)."""
         return self.wigner(edge_frame_rotation(edge_vec))[:, self.kept]
 
     def raw_atomic_energies(self, graph, species: torch.Tensor, edge_vec: torch.Tensor) -> torch.Tensor:
