@@ -328,12 +328,17 @@ def test_bad_hyperparameters_are_rejected():
 
 # ---- inference kernels (matkit.nn.escn_kernels, matkit.nn.sphere_grid_kernels) ---------------------------------
 def test_inference_kernels_match_training_ops_and_training_has_double_backward():
-    """Eval mode on CPU runs the Numba kernels (edge rotations, edge-grid SiLU); train mode the torch ops. Same
-    energy, forces and stress in float64, and the training path supports a force loss."""
+    """Eval mode on CPU runs the Numba kernels (edge rotations, edge-grid SiLU, and with frozen weights the node
+    grid MLPs); train mode the torch ops. Same energy, forces and stress in float64, and the training path
+    supports a force loss."""
+    from matkit.models.escn import frozen_cpu_inference
+
     model = make_model()
     graph = atoms_to_graph(periodic_structure(seed=2), model.cutoff, dtype=F64)
-    fast = model.eval()(graph, forces=True, stress=True)
-    plain = model.train()(graph, forces=True, stress=True, training=True)
+    model.eval().requires_grad_(False)
+    assert frozen_cpu_inference(model.energy_mlp, graph.pos)
+    fast = model(graph, forces=True, stress=True)
+    plain = model.train().requires_grad_(True)(graph, forces=True, stress=True, training=True)
     for key in ("energy", "forces", "stress"):
         ref = plain[key].detach().numpy()
         np.testing.assert_allclose(fast[key].detach().numpy(), ref, rtol=0, atol=1e-12 * max(1, np.abs(ref).max()))

@@ -45,6 +45,7 @@ from ..nn.escn_blocks import EdgeEmbedding, sphere_mlp
 from ..nn.radial import PolynomialEnvelope
 from ..nn.escn_kernels import RotateGather, RotateScatter
 from ..nn.sphere_grid import SphereGrid, degree_of_coefficient
+from ..nn.sphere_grid_kernels import GridMLP
 from ..nn.so2 import SO2Convolution, TruncatedLayout
 from ..nn.wigner import WignerD, edge_frame_rotation
 from .base import Potential, register
@@ -83,8 +84,17 @@ class NodeUpdate(nn.Module):
         self.grid = grid
 
     def forward(self, x, message):
+        if frozen_cpu_inference(self.mlp, x):
+            grid = self.grid
+            return GridMLP.apply(torch.stack([x, message]), grid.to_grid_matrix(x.dtype),
+                                 grid.from_grid_matrix(x.dtype), *(self.mlp[k].weight for k in (0, 2, 4)))
         values = torch.cat([self.grid.to_grid(x), self.grid.to_grid(message)], -1)
         return self.grid.from_grid(self.mlp(values))
+
+
+def frozen_cpu_inference(mlp: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the fused grid-MLP kernel applies: eval mode, CPU, frozen weights (it gives no weight gradients)."""
+    return not mlp.training and x.device.type == "cpu" and not any(p.requires_grad for p in mlp.parameters())
 
 
 @register("escn")
@@ -188,4 +198,9 @@ class ESCN(Potential):
                     aggregated = aggregated.index_add(0, target, message)
             delta = update(x, aggregated)
             x = delta if layer == 0 else x + delta
+        if frozen_cpu_inference(self.energy_mlp, x):   # the sphere mean is a (1, P) projection
+            grid = self.node_grid
+            mean = grid.weights64.to(x.dtype).view(1, -1)
+            return GridMLP.apply(x.unsqueeze(0), grid.to_grid_matrix(x.dtype), mean,
+                                 *(self.energy_mlp[k].weight for k in (0, 2, 4))).view(-1)
         return self.node_grid.mean(self.energy_mlp(self.node_grid.to_grid(x))).squeeze(-1)

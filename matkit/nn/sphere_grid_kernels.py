@@ -1,6 +1,7 @@
-"""Numba CPU kernel for a pointwise SiLU on the S^2 grid: ``from_grid(silu(to_grid(h)))`` (inference).
+"""Numba CPU kernels for pointwise functions on the S^2 grid (inference): a SiLU, ``from_grid(silu(to_grid(h)))``
+(:class:`GridSiLU`), and a bias-free 3-layer SiLU MLP, ``from_grid(mlp(to_grid(x)))`` (:class:`GridMLP`).
 
-eSCN applies this to every edge's message (``h`` (E, K, C) edge-frame coefficients, a grid of P points). As torch
+eSCN applies the SiLU to every edge's message (``h`` (E, K, C) edge-frame coefficients, a grid of P points). As torch
 ops the grid values (E, P, C) are materialised three times (values, SiLU, and again in the backward pass), which
 on Si512 is ~60 MB per tensor for a few FLOPs per byte: the ops are bound by memory traffic. The kernel goes through
 the edges in tiles of ``TILE`` with the tile's (P, TILE * C) values in cache: forward ``g = T h``,
@@ -13,6 +14,10 @@ rest of the kernel. In float32 the sigmoid uses an exponential that vectorises: 
 ``k = round(v / ln 2)``, ``|r| <= ln2 / 2``, ``exp(r)`` by its degree-6 Taylor polynomial (truncation error
 < 1.2e-7 relative, one float32 ulp) and ``2^k`` built from the exponent bits; the sigmoid is within 2e-7 relative
 of the exact one (tested). float64 uses ``np.exp``.
+
+:class:`GridMLP` is eSCN's node update and readout: per tile of atoms the grid values of each input, the MLP's
+activations and the projection back are BLAS products on cache-sized blocks; the backward pass recomputes the
+tile's activations instead of storing (N, P, H) tensors. Its weights must be frozen (no weight gradients).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["GridSiLU"]
+__all__ = ["GridSiLU", "GridMLP"]
 
 _OPTIONS = dict(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
 
@@ -151,3 +156,105 @@ class GridSiLU(torch.autograd.Function):
         _backward(T.contiguous().numpy(), F.contiguous().numpy(), hn, grad_out.contiguous().numpy(),
                   hn.dtype == np.float32, grad_h)
         return torch.from_numpy(grad_h), None, None
+
+
+# ---- a pointwise 3-layer MLP on the S^2 grid -------------------------------------------------------------------
+@njit(**_OPTIONS)
+def _mlp_tile_forward(T, xs, e0, nb, W1t, W2t, W3t, v, t, a1, s1, h1, a2, s2, h2, y, bits, fast):
+    """For the atoms e0..e0+nb (rows: (atom, point) pairs): v = grid values of input i, a1 = sum_i v_i W1_i^T,
+    s1 = sigmoid(a1), h1 = a1 s1, a2 = h1 W2^T, s2 = sigmoid(a2), h2 = a2 s2, y = h2 W3^T. Every array is
+    preallocated (temporaries of this size would be fresh pages from the OS on every tile)."""
+    n_in, P = xs.shape[0], T.shape[0]
+    for i in range(n_in):
+        for b in range(nb):
+            np.dot(T, xs[i, e0 + b], v[b * P:(b + 1) * P])
+        if i == 0:
+            np.dot(v, W1t[i], a1)
+        else:
+            np.dot(v, W1t[i], t)
+            a1 += t
+    _sigmoid(a1, s1, bits, fast)
+    np.multiply(a1, s1, h1)
+    np.dot(h1, W2t, a2)
+    _sigmoid(a2, s2, bits, fast)
+    np.multiply(a2, s2, h2)
+    np.dot(h2, W3t, y)
+
+
+@njit(**_OPTIONS)
+def _mlp_buffers(rows, C, H, Cout, dtype):
+    return (np.zeros((rows, C), dtype), np.empty((rows, H), dtype), np.empty((rows, H), dtype),
+            np.empty((rows, H), dtype), np.empty((rows, H), dtype), np.empty((rows, H), dtype),
+            np.empty((rows, H), dtype), np.empty((rows, H), dtype), np.empty((rows, Cout), dtype),
+            np.empty((rows, H), np.int32))
+
+
+@njit(**_OPTIONS)
+def _mlp_forward(T, F, xs, W1t, W2t, W3t, fast, out):
+    N, P = xs.shape[1], T.shape[0]
+    v, t, a1, s1, h1, a2, s2, h2, y, bits = _mlp_buffers(TILE * P, xs.shape[3], W2t.shape[0], W3t.shape[1],
+                                                         xs.dtype)
+    for e0 in range(0, N, TILE):
+        nb = min(TILE, N - e0)
+        _mlp_tile_forward(T, xs, e0, nb, W1t, W2t, W3t, v, t, a1, s1, h1, a2, s2, h2, y, bits, fast)
+        for b in range(nb):
+            np.dot(F, y[b * P:(b + 1) * P], out[e0 + b])
+
+
+@njit(**_OPTIONS)
+def _mlp_backward(T, F, xs, W1t, W2t, W3t, grad_out, fast, grad_xs):
+    n_in, N, K, C = xs.shape
+    P, H, Cout = T.shape[0], W2t.shape[0], W3t.shape[1]
+    rows = TILE * P
+    Tt, Ft = np.ascontiguousarray(T.T), np.ascontiguousarray(F.T)
+    W1 = np.empty((n_in, H, C), xs.dtype)
+    for i in range(n_in):
+        W1[i] = W1t[i].T
+    W2, W3 = np.ascontiguousarray(W2t.T), np.ascontiguousarray(W3t.T)
+    v, t, a1, s1, h1, a2, s2, h2, y, bits = _mlp_buffers(rows, C, H, Cout, xs.dtype)
+    gy, gv = np.zeros((rows, Cout), xs.dtype), np.empty((rows, C), xs.dtype)
+    g1, g2 = np.empty((rows, H), xs.dtype), np.empty((rows, H), xs.dtype)
+    for e0 in range(0, N, TILE):
+        nb = min(TILE, N - e0)
+        _mlp_tile_forward(T, xs, e0, nb, W1t, W2t, W3t, v, t, a1, s1, h1, a2, s2, h2, y, bits, fast)
+        for b in range(nb):
+            np.dot(Ft, grad_out[e0 + b], gy[b * P:(b + 1) * P])
+        np.dot(gy, W3, g2)                                    # d/d h2
+        for r in range(rows):
+            for k in range(H):                                # d/d a2 = d/d h2 silu'(a2)
+                g2[r, k] *= s2[r, k] + a2[r, k] * (s2[r, k] - s2[r, k] * s2[r, k])
+        np.dot(g2, W2, g1)
+        for r in range(rows):
+            for k in range(H):
+                g1[r, k] *= s1[r, k] + a1[r, k] * (s1[r, k] - s1[r, k] * s1[r, k])
+        for i in range(n_in):
+            np.dot(g1, W1[i], gv)
+            for b in range(nb):
+                np.dot(Tt, gv[b * P:(b + 1) * P], grad_xs[i, e0 + b])
+
+
+class GridMLP(torch.autograd.Function):
+    """``F @ mlp(concat_i (T @ x_i))`` per atom: inputs ``xs`` (n_in, N, K, C) stacked coefficients, ``T`` (P, K),
+    ``F`` (K_out, P) (or the quadrature weights (1, P) for a sphere mean), and the weights of a bias-free
+    Linear-SiLU-Linear-SiLU-Linear MLP ``W1`` (H, n_in C), ``W2`` (H, H), ``W3`` (C_out, H) -> (N, K_out, C_out).
+    Gradient for ``xs`` only: use it only when the MLP's weights are frozen."""
+
+    @staticmethod
+    def forward(ctx, xs, T, F, W1, W2, W3):
+        xn = xs.detach().contiguous().numpy()
+        n_in, C = xn.shape[0], xn.shape[3]
+        W1t = np.ascontiguousarray(W1.detach().numpy().T.reshape(n_in, C, -1))   # (n_in, C, H): W1_i^T blocks
+        W2t, W3t = (np.ascontiguousarray(w.detach().numpy().T) for w in (W2, W3))
+        Tn, Fn = T.contiguous().numpy(), F.contiguous().numpy()
+        out = np.empty((xn.shape[1], Fn.shape[0], W3t.shape[1]), dtype=xn.dtype)
+        _mlp_forward(Tn, Fn, xn, W1t, W2t, W3t, xn.dtype == np.float32, out)
+        ctx.arrays = (Tn, Fn, xn, W1t, W2t, W3t)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        Tn, Fn, xn, W1t, W2t, W3t = ctx.arrays
+        grad_xs = np.empty_like(xn)
+        _mlp_backward(Tn, Fn, xn, W1t, W2t, W3t, grad_out.contiguous().numpy(), xn.dtype == np.float32, grad_xs)
+        return torch.from_numpy(grad_xs), None, None, None, None, None
