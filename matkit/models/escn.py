@@ -94,7 +94,8 @@ class NodeUpdate(nn.Module):
 
 def frozen_cpu_inference(mlp: nn.Module, x: torch.Tensor) -> bool:
     """Whether the fused grid-MLP kernel applies: eval mode, CPU, frozen weights (it gives no weight gradients)."""
-    return not mlp.training and x.device.type == "cpu" and not any(p.requires_grad for p in mlp.parameters())
+    return (not mlp.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not any(p.requires_grad for p in mlp.parameters()))
 
 
 @register("escn")
@@ -181,7 +182,8 @@ class ESCN(Potential):
             rotation = self.edge_rotations(edge_vec)                          # (E, K_t, K)
             weight = (self.envelope(distance) / self.avg_num_neighbors)[:, None, None]
             species_source, species_target = species[source], species[target]
-        kernels = not self.training and edge_vec.device.type == "cpu"   # matkit.nn.escn_kernels (first order)
+        kernels = (not self.training and edge_vec.device.type == "cpu"   # matkit.nn.escn_kernels (first order)
+                   and edge_vec.dtype in (torch.float32, torch.float64))
         for layer, (message_block, update) in enumerate(zip(self.messages, self.updates)):
             aggregated = torch.zeros_like(x)
             if edge_vec.shape[0] > 0:
