@@ -334,16 +334,19 @@ def test_inference_kernels_match_training_ops_and_training_has_double_backward()
     from matkit.models.escn import frozen_cpu_inference
 
     model = make_model()
-    graph = atoms_to_graph(periodic_structure(seed=2), model.cutoff, dtype=F64)
-    model.eval().requires_grad_(False)
-    assert frozen_cpu_inference(model.energy_mlp, graph.pos)
-    fast = model(graph, forces=True, stress=True)
-    plain = model.train().requires_grad_(True)(graph, forces=True, stress=True, training=True)
-    for key in ("energy", "forces", "stress"):
-        ref = plain[key].detach().numpy()
-        np.testing.assert_allclose(fast[key].detach().numpy(), ref, rtol=0, atol=1e-12 * max(1, np.abs(ref).max()))
-    assert np.abs(plain["forces"].detach().numpy()).max() > 1e-3
-    ((plain["forces"] ** 2).sum() + plain["stress"].pow(2).sum()).backward()
+    # 8 and 7 atoms (a partial tile of atoms), periodic with stress and a molecule
+    for atoms, stress in ((periodic_structure(seed=2), True), (molecule(), False)):
+        graph = atoms_to_graph(atoms, model.cutoff, dtype=F64)
+        model.eval().requires_grad_(False)
+        assert frozen_cpu_inference(model.energy_mlp, graph.pos)
+        fast = model(graph, forces=True, stress=stress)
+        plain = model.train().requires_grad_(True)(graph, forces=True, stress=stress, training=True)
+        for key in ("energy", "forces") + (("stress",) if stress else ()):
+            ref = plain[key].detach().numpy()
+            np.testing.assert_allclose(fast[key].detach().numpy(), ref, rtol=0,
+                                       atol=1e-12 * max(1, np.abs(ref).max()))
+        assert np.abs(plain["forces"].detach().numpy()).max() > 1e-3
+        ((plain["forces"] ** 2).sum() + (plain["stress"].pow(2).sum() if stress else 0)).backward()
     assert max(float(p.grad.abs().max()) for p in model.messages[0].so2.parameters()) > 0
 
 
