@@ -45,7 +45,7 @@ from ..nn.escn_blocks import EdgeEmbedding, sphere_mlp
 from ..nn.radial import PolynomialEnvelope
 from ..nn.escn_kernels import RotateGather, RotateScatter
 from ..nn.sphere_grid import SphereGrid, degree_of_coefficient
-from ..nn.sphere_grid_kernels import GridMLP
+from ..nn.sphere_grid_kernels import GridMLP, cpu_inference
 from ..nn.so2 import SO2Convolution, TruncatedLayout
 from ..nn.wigner import WignerD, edge_frame_rotation
 from .base import Potential, register
@@ -94,8 +94,7 @@ class NodeUpdate(nn.Module):
 
 def frozen_cpu_inference(mlp: nn.Module, x: torch.Tensor) -> bool:
     """Whether the fused grid-MLP kernel applies: eval mode, CPU, frozen weights (it gives no weight gradients)."""
-    return (not mlp.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and not any(p.requires_grad for p in mlp.parameters()))
+    return cpu_inference(mlp, x) and not any(p.requires_grad for p in mlp.parameters())
 
 
 @register("escn")
@@ -182,8 +181,7 @@ class ESCN(Potential):
             rotation = self.edge_rotations(edge_vec)                          # (E, K_t, K)
             weight = (self.envelope(distance) / self.avg_num_neighbors)[:, None, None]
             species_source, species_target = species[source], species[target]
-        kernels = (not self.training and edge_vec.device.type == "cpu"   # matkit.nn.escn_kernels (first order)
-                   and edge_vec.dtype in (torch.float32, torch.float64))
+        kernels = cpu_inference(self, edge_vec)   # matkit.nn.escn_kernels for the edge rotations (first order)
         for layer, (message_block, update) in enumerate(zip(self.messages, self.updates)):
             aggregated = torch.zeros_like(x)
             if edge_vec.shape[0] > 0:

@@ -19,7 +19,7 @@ import torch
 from e3nn import o3
 
 from .precision import KeepsFloat64
-from .sphere_grid_kernels import GridSiLU
+from .sphere_grid_kernels import GridSiLU, cpu_inference
 
 __all__ = ["grid_size_for_degree", "sphere_points", "spherical_harmonics", "degree_of_coefficient", "SphereGrid"]
 
@@ -118,7 +118,7 @@ class SphereGrid(KeepsFloat64):
         At inference (eval mode) on CPU this is one Numba pass that keeps each feature's grid values in cache
         (:mod:`matkit.nn.sphere_grid_kernels`, first-order gradients); in training, or on other devices, torch ops
         (which support the double backward of force training)."""
-        if not self.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        if cpu_inference(self, x):
             shape = x.shape
             out = GridSiLU.apply(x.reshape(-1, shape[-2], shape[-1]), self.to_grid_matrix(x.dtype),
                                  self.from_grid_matrix(x.dtype))

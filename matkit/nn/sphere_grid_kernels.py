@@ -25,9 +25,15 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["GridSiLU", "GridMLP"]
+__all__ = ["GridSiLU", "GridMLP", "cpu_inference"]
 
 _OPTIONS = dict(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
+
+
+def cpu_inference(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether the first-order Numba kernels of the S^2-grid and eSCN blocks apply: ``module`` in eval mode and
+    ``x`` a float32 / float64 CPU tensor (training and other devices use torch ops)."""
+    return not module.training and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
 _F = np.float32
 _LOG2E, _LN2_HI, _LN2_LO = _F(1.4426950408889634), _F(0.693359375), _F(-2.12194440e-4)  # ln2 = HI + LO
@@ -68,13 +74,23 @@ def _sigmoid(g, s, bits, fast):
         _sigmoid_exact(g, s)
 
 
+@njit(**_OPTIONS)
+def _times_silu_prime(d, a, s):
+    """d *= silu'(a) elementwise, with s = sigmoid(a); all (R, H). (Written without a float64 literal, which would
+    promote float32 arithmetic.)"""
+    R, H = d.shape
+    for r in range(R):
+        for k in range(H):
+            d[r, k] *= s[r, k] + a[r, k] * (s[r, k] - s[r, k] * s[r, k])
+
+
 #: edges per tile: the tile's grid values (P, TILE * C) stay in cache, and each product is one BLAS call
 TILE = 8
 
 
 @njit(**_OPTIONS)
 def _load_tile(a, e0, nb, tile):
-    """tile (K, TILE * C) <- a[e0:e0 + nb] (nb, K, C) transposed; columns of absent edges are zero."""
+    """tile (K, width) <- a[e0:e0 + nb] (nb, K, C) transposed (column b * C + c); columns past nb * C are zero."""
     K, C = a.shape[1], a.shape[2]
     if nb * C < tile.shape[1]:
         tile[:] = 0.0
@@ -86,7 +102,7 @@ def _load_tile(a, e0, nb, tile):
 
 @njit(**_OPTIONS)
 def _store_tile(tile, e0, nb, a):
-    """a[e0:e0 + nb] (nb, K, C) <- tile (K, TILE * C)."""
+    """a[e0:e0 + nb] (nb, K, C) <- tile (K, width), the layout of :func:`_load_tile`."""
     K, C = a.shape[1], a.shape[2]
     for b in range(nb):
         for k in range(K):
@@ -105,9 +121,7 @@ def _forward(T, F, h, fast, out):
         _load_tile(h, e0, nb, hin)
         np.dot(T, hin, g)
         _sigmoid(g, s, bits, fast)
-        for p in range(P):
-            for i in range(width):
-                s[p, i] *= g[p, i]
+        np.multiply(s, g, s)
         np.dot(F, s, o)
         _store_tile(o, e0, nb, out)
 
@@ -127,9 +141,7 @@ def _backward(T, F, h, grad_out, fast, grad_h):
         np.dot(T, hin, g)
         _sigmoid(g, s, bits, fast)
         np.dot(Ft, gin, d)
-        for p in range(P):
-            for i in range(width):
-                d[p, i] *= s[p, i] + g[p, i] * (s[p, i] - s[p, i] * s[p, i])   # silu'(g), no float64 literal
+        _times_silu_prime(d, g, s)
         np.dot(Tt, d, gh)
         _store_tile(gh, e0, nb, grad_h)
 
@@ -159,7 +171,7 @@ class GridSiLU(torch.autograd.Function):
 
 
 # ---- a pointwise 3-layer MLP on the S^2 grid -------------------------------------------------------------------
-#: atoms per tile of the grid MLP (measured: 2 is fastest at lmax 2 on a 200-point grid; the activations stay in L2)
+#: atoms per tile of the grid MLP: few, so that the tile's (TILE_MLP * P, H) activations stay in L2
 TILE_MLP = 2
 
 
@@ -229,13 +241,9 @@ def _mlp_backward(T, F, xs, W1t, W2t, W3t, grad_out, fast, grad_xs):
         _load_tile(grad_out, e0, nb, gin)
         np.dot(Ft, gin, gy)
         np.dot(gy.reshape(rows, Cout), W3, g2)                # d/d h2
-        for r in range(rows):
-            for k in range(H):                                # d/d a2 = d/d h2 silu'(a2)
-                g2[r, k] *= s2[r, k] + a2[r, k] * (s2[r, k] - s2[r, k] * s2[r, k])
+        _times_silu_prime(g2, a2, s2)                         # d/d a2
         np.dot(g2, W2, g1)
-        for r in range(rows):
-            for k in range(H):
-                g1[r, k] *= s1[r, k] + a1[r, k] * (s1[r, k] - s1[r, k] * s1[r, k])
+        _times_silu_prime(g1, a1, s1)                         # d/d a1
         for i in range(n_in):
             np.dot(g1, W1[i], gv)
             np.dot(Tt, gv.reshape(P, TILE_MLP * C), gx)
