@@ -327,19 +327,29 @@ def test_bad_hyperparameters_are_rejected():
 
 
 # ---- inference kernels (matkit.nn.escn_kernels, matkit.nn.sphere_grid_kernels) ---------------------------------
-def test_inference_kernels_match_training_ops_and_training_has_double_backward():
+def test_inference_kernels_match_training_ops_and_training_has_double_backward(monkeypatch):
     """Eval mode on CPU runs the Numba kernels (edge rotations, edge-grid SiLU, and with frozen weights the node
     grid MLPs); train mode the torch ops. Same energy, forces and stress in float64, and the training path
     supports a force loss."""
-    from matkit.models.escn import frozen_cpu_inference
+    from matkit.nn import escn_blocks
 
+    calls, kernel = [], escn_blocks.GridMLP
+
+    class CountedGridMLP(kernel):
+        @staticmethod
+        def forward(ctx, *args):
+            calls.append(1)
+            return kernel.forward(ctx, *args)
+
+    monkeypatch.setattr(escn_blocks, "GridMLP", CountedGridMLP)
     model = make_model()
     # 8 and 7 atoms (a partial tile of atoms), periodic with stress and a molecule
     for atoms, stress in ((periodic_structure(seed=2), True), (molecule(), False)):
         graph = atoms_to_graph(atoms, model.cutoff, dtype=F64)
         model.eval().requires_grad_(False)
-        assert frozen_cpu_inference(model.energy_mlp, graph.pos)
+        calls.clear()
         fast = model(graph, forces=True, stress=stress)
+        assert len(calls) == len(model.updates) + 1   # every node update and the readout ran the kernel
         plain = model.train().requires_grad_(True)(graph, forces=True, stress=stress, training=True)
         for key in ("energy", "forces") + (("stress",) if stress else ()):
             ref = plain[key].detach().numpy()
@@ -350,19 +360,49 @@ def test_inference_kernels_match_training_ops_and_training_has_double_backward()
     assert max(float(p.grad.abs().max()) for p in model.messages[0].so2.parameters()) > 0
 
 
+@pytest.mark.parametrize("mean", [False, True])
+def test_grid_mlp_is_the_mlp_applied_at_every_grid_point(mean):
+    """``grid_mlp`` applies the outer linear maps in coefficient space; it is the MLP applied pointwise to the grid
+    values, projected back (or averaged), in both the training path and the frozen-weight kernel, with
+    gradients."""
+    from matkit.nn.escn_blocks import grid_mlp, sphere_mlp
+    from matkit.nn.sphere_grid import SphereGrid
+
+    torch.manual_seed(0)
+    grid = SphereGrid(2, resolution=(6, 11))
+    mlp = sphere_mlp(6, 5, 1 if mean else 4).double()
+    x = torch.randn(5, 9, 6, dtype=F64, requires_grad=True)
+    values = mlp(grid.to_grid(x))
+    ref = grid.mean(values) if mean else grid.from_grid(values)
+    weights = torch.randn(ref.shape, dtype=F64)
+    (ref_grad,) = torch.autograd.grad(ref, x, weights)
+    for frozen in (False, True):
+        mlp.eval().requires_grad_(not frozen)
+        out = grid_mlp(mlp, grid, x, mean=mean)
+        (grad,) = torch.autograd.grad(out, x, weights)
+        assert float(ref.abs().max()) > 1e-2
+        np.testing.assert_allclose(out.detach(), ref.detach(), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(grad, ref_grad, rtol=0, atol=1e-13)
+
+
 def test_rotation_kernels_match_torch_ops():
-    """Gather-and-rotate and rotate-back-and-scatter against the plain batched products, values and gradients
-    (for the Wigner matrices through the edge vectors: their off-block zeros are constants)."""
-    from matkit.nn.escn_kernels import RotateGather, RotateScatter
+    """Projected gather-and-rotate and rotate-back-and-scatter against plain batched products, values and
+    gradients (for the Wigner matrices through the edge vectors: their off-block zeros are constants)."""
+    from matkit.nn.escn_kernels import ProjectGather, RotateScatter
     from matkit.nn.sphere_grid import degree_of_coefficient
 
     g = torch.Generator().manual_seed(0)
-    lmax, mmax, n, e, c = 3, 2, 6, 40, 5
-    kept = TruncatedLayout(lmax, mmax).kept
+    lmax, mmax, n, e, c, h = 3, 2, 6, 40, 5, 4
+    kept = TruncatedLayout(lmax, mmax, order="m").kept
     degree = degree_of_coefficient(lmax)[kept]
+    order = kept - degree * (degree + 1)
+    pairs = [(0, 0)] + [(m, s) for m in range(1, mmax + 1) for s in (1, -1)]     # hidden rows m = 0, +1, -1, ...
+    group = torch.tensor([pairs.index((abs(int(m)), 1 if m > 0 else -1 if m < 0 else 0)) for m in order])
+    block = order.abs()
     src, dst = torch.randint(0, n, (e,), generator=g), torch.randint(0, n, (e,), generator=g)
     vec = torch.randn(e, 3, generator=g, dtype=F64, requires_grad=True)
     x = torch.randn(n, (lmax + 1) ** 2, c, generator=g, dtype=F64, requires_grad=True)
+    y = torch.randn(n, (lmax + 1) ** 2, 2 * (mmax + 1) * h, generator=g, dtype=F64, requires_grad=True)
     m = torch.randn(e, len(kept), c, generator=g, dtype=F64, requires_grad=True)
     w = torch.rand(e, generator=g, dtype=F64, requires_grad=True)
     wigner = WignerD(lmax)
@@ -370,11 +410,17 @@ def test_rotation_kernels_match_torch_ops():
     def rotations():
         return wigner(edge_frame_rotation(vec))[:, kept]
 
-    gathered = RotateGather.apply(x, rotations(), src, dst, degree)
-    gathered_ref = torch.cat([rotations() @ x[src], rotations() @ x[dst]], -1)
+    def gathered_reference():
+        ends = y[src].view(e, -1, 2, mmax + 1, h), y[dst].view(e, -1, 2, mmax + 1, h)
+        rows = []
+        for k in range(len(kept)):   # row k reads its block's source and target projections
+            rows.append(rotations()[:, k, None, :] @ (ends[0][:, :, 0, block[k]] + ends[1][:, :, 1, block[k]]))
+        return torch.zeros(e, len(pairs), h, dtype=F64).index_add(1, group, torch.cat(rows, 1))
+
+    gathered = ProjectGather.apply(y, rotations(), src, dst, degree, group, block, len(pairs))
     scattered = RotateScatter.apply(m, rotations(), w, dst, degree, n)
     scattered_ref = torch.zeros_like(x).index_add(0, dst, rotations().transpose(1, 2) @ m * w[:, None, None])
-    for out, ref, inputs in ((gathered, gathered_ref, (x, vec)), (scattered, scattered_ref, (m, vec, w))):
+    for out, ref, inputs in ((gathered, gathered_reference(), (y, vec)), (scattered, scattered_ref, (m, vec, w))):
         np.testing.assert_allclose(out.detach(), ref.detach(), rtol=0, atol=1e-13)
         weights = torch.randn(out.shape, generator=g, dtype=F64)
         for a, b in zip(torch.autograd.grad(out, inputs, weights), torch.autograd.grad(ref, inputs, weights)):

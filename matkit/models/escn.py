@@ -41,11 +41,11 @@ import torch
 from torch import nn
 
 from ..graph import graph_batch_vector  # noqa: F401  (kept for API symmetry with other models)
-from ..nn.escn_blocks import EdgeEmbedding, sphere_mlp
+from ..nn.escn_blocks import EdgeEmbedding, grid_mlp, sphere_mlp
 from ..nn.radial import PolynomialEnvelope
-from ..nn.escn_kernels import RotateGather, RotateScatter
+from ..nn.escn_kernels import ProjectGather, RotateScatter
 from ..nn.sphere_grid import SphereGrid, degree_of_coefficient
-from ..nn.sphere_grid_kernels import GridMLP, cpu_inference
+from ..nn.sphere_grid_kernels import cpu_inference
 from ..nn.so2 import SO2Convolution, TruncatedLayout
 from ..nn.wigner import WignerD, edge_frame_rotation
 from .base import Potential, register
@@ -68,11 +68,25 @@ class MessageBlock(nn.Module):
         self.so2 = SO2Convolution(lmax, mmax, 2 * channels, channels, hidden, edge_channels, chiral, order="m")
         self.grid = SphereGrid(lmax, resolution=edge_grid, kept=kept)
 
-    def forward(self, x_edge, distance, species_source, species_target):
-        """Edge-frame coefficients of both ends, channels concatenated (E, K_t, 2C) -> message (E, K_t, C) in the
-        edge frame."""
+    def forward(self, x, rotation, source, target, distance, species_source, species_target, rows=None):
+        """Node coefficients x (N, K, C), edge rotations (E, K_t, K), edge ends and distances -> message
+        (E, K_t, C) in the edge frame. With ``rows`` (the kept rows' degree, hidden row and order block; see
+        :class:`matkit.nn.escn_kernels.ProjectGather`) the Numba gather runs; otherwise torch ops."""
         edge = self.edge_embedding(distance, species_source, species_target)
-        return self.grid.silu(self.so2(x_edge, edge))
+        if rows is not None:
+            hidden = ProjectGather.apply(self.project(x), rotation, source, target, *rows, 2 * self.so2.layout.mmax + 1)
+            return self.grid.silu(self.so2.forward_hidden(hidden, edge))
+        x_edge = torch.cat([rotation @ x.index_select(0, source), rotation @ x.index_select(0, target)], -1)
+        return self.grid.silu(self.so2(x_edge, edge))                  # x_edge (E, K_t, 2C)
+
+    def project(self, x):
+        """(N, K, C) -> (N, K, 2 B H): the SO(2) convolution's first linear maps applied to each end's half of
+        its input channels, per degree (channel ``(end * B + block) * H + h``)."""
+        c, parts = x.shape[-1], []
+        for l in range(self.so2.layout.lmax + 1):
+            weight = self.so2.input_projection(l).to(x.dtype)              # (2C, B, H)
+            parts.append(x[:, l * l:(l + 1) ** 2] @ torch.cat([weight[:c], weight[c:]], 1).flatten(1))
+        return torch.cat(parts, 1)
 
 
 class NodeUpdate(nn.Module):
@@ -84,17 +98,7 @@ class NodeUpdate(nn.Module):
         self.grid = grid
 
     def forward(self, x, message):
-        if frozen_cpu_inference(self.mlp, x):
-            grid = self.grid
-            return GridMLP.apply(torch.stack([x, message]), grid.to_grid_matrix(x.dtype),
-                                 grid.from_grid_matrix(x.dtype), *(self.mlp[k].weight for k in (0, 2, 4)))
-        values = torch.cat([self.grid.to_grid(x), self.grid.to_grid(message)], -1)
-        return self.grid.from_grid(self.mlp(values))
-
-
-def frozen_cpu_inference(mlp: nn.Module, x: torch.Tensor) -> bool:
-    """Whether the fused grid-MLP kernel applies: eval mode, CPU, frozen weights (it gives no weight gradients)."""
-    return cpu_inference(mlp, x) and not any(p.requires_grad for p in mlp.parameters())
+        return grid_mlp(self.mlp, self.grid, torch.cat([x, message], -1))
 
 
 @register("escn")
@@ -142,7 +146,12 @@ class ESCN(Potential):
         self.avg_num_neighbors = float(avg_num_neighbors)
         layout = TruncatedLayout(lmax, mmax, order="m")   # edge-frame coefficients m-major (matkit.nn.so2)
         self.register_buffer("kept", layout.kept, persistent=False)
-        self.register_buffer("row_degree", degree_of_coefficient(lmax)[layout.kept], persistent=False)
+        degree = degree_of_coefficient(lmax)[layout.kept]
+        order = layout.kept - degree * (degree + 1)                               # m of each kept row
+        self.register_buffer("row_degree", degree, persistent=False)
+        self.register_buffer("row_group", torch.where(order == 0, 0, 2 * order.abs() - (order > 0).long()),
+                             persistent=False)                                  # hidden row: m = 0, +1, -1, ...
+        self.register_buffer("row_block", order.abs(), persistent=False)
         self.wigner = WignerD(lmax)
         self.envelope = PolynomialEnvelope(cutoff, envelope_exponent)
         self.embedding = nn.Embedding(self.num_species, sphere_channels)
@@ -182,15 +191,14 @@ class ESCN(Potential):
             weight = (self.envelope(distance) / self.avg_num_neighbors)[:, None, None]
             species_source, species_target = species[source], species[target]
         kernels = cpu_inference(self, edge_vec)   # matkit.nn.escn_kernels for the edge rotations (first order)
+        rows = None   # the projected gather: achiral convolutions only (chiral ones have a second first map)
+        if kernels and not self.messages[0].so2.chiral:
+            rows = (self.row_degree, self.row_group, self.row_block)
         for layer, (message_block, update) in enumerate(zip(self.messages, self.updates)):
             aggregated = torch.zeros_like(x)
             if edge_vec.shape[0] > 0:
-                if kernels:
-                    x_edge = RotateGather.apply(x, rotation, source, target, self.row_degree)
-                else:
-                    x_edge = torch.cat([rotation @ x.index_select(0, source),
-                                        rotation @ x.index_select(0, target)], -1)   # (E, K_t, 2C)
-                message = message_block(x_edge, distance, species_source, species_target)   # (E, K_t, C)
+                message = message_block(x, rotation, source, target, distance, species_source, species_target,
+                                        rows)                                        # (E, K_t, C)
                 if kernels:
                     aggregated = RotateScatter.apply(message, rotation, weight.view(-1), target, self.row_degree, n)
                 else:
@@ -198,9 +206,4 @@ class ESCN(Potential):
                     aggregated = aggregated.index_add(0, target, message)
             delta = update(x, aggregated)
             x = delta if layer == 0 else x + delta
-        if frozen_cpu_inference(self.energy_mlp, x):   # the sphere mean is a (1, P) projection
-            grid = self.node_grid
-            mean = grid.weights64.to(x.dtype).view(1, -1)
-            return GridMLP.apply(x.unsqueeze(0), grid.to_grid_matrix(x.dtype), mean,
-                                 *(self.energy_mlp[k].weight for k in (0, 2, 4))).view(-1)
-        return self.node_grid.mean(self.energy_mlp(self.node_grid.to_grid(x))).squeeze(-1)
+        return grid_mlp(self.energy_mlp, self.node_grid, x, mean=True).squeeze(-1)

@@ -1,11 +1,14 @@
 """Numba CPU kernels for eSCN's edge rotations (inference).
 
-Every eSCN layer takes the coefficients of both ends of every edge into the edge's frame and the message back:
+Every eSCN layer takes the coefficients of both ends of every edge into the edge's frame, where the SO(2)
+convolution's first linear map ``W1`` (per order block, over degrees and channels) reads them, and the message back:
 
-    gather:   y[e] = [D_e x[src_e] | D_e x[dst_e]]            (E, K_t, 2C)
+    gather:   h[e] = W1 [D_e x[src_e] | D_e x[dst_e]]          (E, 1 + 2 mmax, H)
     scatter:  out[dst_e] += w_e D_e^T m[e]                    (N, K, C)
 
-with ``D_e`` (K_t, K) the Wigner matrix of edge ``e`` restricted to the kept orders. As torch ops these are
+with ``D_e`` (K_t, K) the Wigner matrix of edge ``e`` restricted to the kept orders. The rotation acts on
+coefficients and ``W1`` on channels, so the gather applies ``W1``'s channel part at the nodes first
+(:class:`ProjectGather`: N instead of E products) and rotates the H-channel projections. As torch ops these are
 batched products of tiny matrices (7 x 9 per edge at lmax 2, mmax 1) whose backward passes run at a few GFLOP/s,
 plus gathers and scatters of (E, K, C) copies. ``D_e`` is block-diagonal by degree (row ``k`` of degree ``l`` is
 non-zero only in columns ``l^2 .. (l+1)^2 - 1``), so the kernels visit only those columns: 25 of the 63 entries
@@ -19,43 +22,48 @@ import numpy as np
 import torch
 from numba import njit
 
-__all__ = ["RotateGather", "RotateScatter"]
+__all__ = ["ProjectGather", "RotateScatter"]
 
 _OPTIONS = dict(fastmath={"reassoc", "contract"}, error_model="numpy", cache=True)
 
 
 @njit(**_OPTIONS)
-def _gather_forward(x, D, src, dst, degree, out):
-    C = x.shape[2]
-    for e in range(D.shape[0]):
-        s, t = src[e], dst[e]    # hoisted: the compiler cannot prove the writes below leave them unchanged
-        for k in range(D.shape[1]):
-            l = degree[k]
-            for c in range(2 * C):
-                out[e, k, c] = 0.0
-            for j in range(l * l, (l + 1) * (l + 1)):
-                d = D[e, k, j]
-                for c in range(C):
-                    out[e, k, c] += d * x[s, j, c]
-                for c in range(C):
-                    out[e, k, C + c] += d * x[t, j, c]
-
-
-@njit(**_OPTIONS)
-def _gather_backward(x, D, src, dst, degree, grad_out, grad_x, grad_D):
-    C = x.shape[2]
+def _gather_forward(y, D, src, dst, degree, group, block, out):
+    H, B = out.shape[2], y.shape[2] // (2 * out.shape[2])
+    out[:] = 0.0
+    acc = np.empty(H, out.dtype)   # a local sum: accumulating into ``out`` directly does not vectorise
     for e in range(D.shape[0]):
         s, t = src[e], dst[e]
         for k in range(D.shape[1]):
-            l = degree[k]
+            l, ys, yt = degree[k], block[k] * H, (B + block[k]) * H
+            acc[:] = 0.0
             for j in range(l * l, (l + 1) * (l + 1)):
-                d = D[e, k, j]
+                d, a, b = D[e, k, j], y[s, j, ys:ys + H], y[t, j, yt:yt + H]
+                for h in range(H):
+                    acc[h] += d * (a[h] + b[h])
+            o = out[e, group[k]]
+            for h in range(H):
+                o[h] += acc[h]
+
+
+@njit(**_OPTIONS)
+def _gather_backward(y, D, src, dst, degree, group, block, grad_out, grad_y, grad_D):
+    H, B = grad_out.shape[2], y.shape[2] // (2 * grad_out.shape[2])
+    for e in range(D.shape[0]):
+        s, t = src[e], dst[e]
+        for k in range(D.shape[1]):
+            l, ys, yt = degree[k], block[k] * H, (B + block[k]) * H
+            go = grad_out[e, group[k]]
+            for j in range(l * l, (l + 1) * (l + 1)):
+                d, a, b = D[e, k, j], y[s, j, ys:ys + H], y[t, j, yt:yt + H]
+                ga, gb = grad_y[s, j, ys:ys + H], grad_y[t, j, yt:yt + H]
                 acc = 0.0
-                for c in range(C):
-                    g_s, g_t = grad_out[e, k, c], grad_out[e, k, C + c]
-                    acc += g_s * x[s, j, c] + g_t * x[t, j, c]
-                    grad_x[s, j, c] += d * g_s
-                    grad_x[t, j, c] += d * g_t
+                for h in range(H):
+                    acc += go[h] * (a[h] + b[h])
+                for h in range(H):
+                    ga[h] += d * go[h]
+                for h in range(H):
+                    gb[h] += d * go[h]
                 grad_D[e, k, j] = acc
 
 
@@ -100,26 +108,31 @@ def _arrays(*tensors):
     return tuple(t.detach().contiguous().numpy() for t in tensors)
 
 
-class RotateGather(torch.autograd.Function):
-    """``[D x[src] | D x[dst]]`` (E, K_t, 2C) from ``x`` (N, K, C), ``D`` (E, K_t, K) block-diagonal by degree,
-    ``src``, ``dst`` (E,) int64 and ``degree`` (K_t,) int64, the degree of each kept row; CPU, one float dtype.
-    Gradients for ``x`` and ``D``."""
+class ProjectGather(torch.autograd.Function):
+    """The first linear map of the SO(2) convolution, applied at the nodes and rotated into every edge frame:
+    ``out[e, group[k]] += sum_j D[e, k, j] (y[src_e, j, source block] + y[dst_e, j, target block])`` -> (E, G, H).
+
+    ``y`` (N, K, 2 B H): per node and coefficient, the projections by the B order blocks' first linear maps
+    (channel ``(end * B + b) * H + h``, end 0 = source half of the input channels, 1 = target half);
+    ``D`` (E, K_t, K) block-diagonal by degree; ``src``, ``dst`` (E,) int64; for each kept row ``degree``,
+    ``group`` (its slot among the G = 1 + 2 mmax rows of the convolution's hidden features: m = 0, +1, -1, +2, ...)
+    and ``block`` (its order |m|), all (K_t,) int64; CPU, one float dtype. Gradients for ``y`` and ``D``."""
 
     @staticmethod
-    def forward(ctx, x, D, src, dst, degree):
-        xn, Dn, sn, tn, ln = _arrays(x, D, src, dst, degree)
-        out = np.empty((Dn.shape[0], Dn.shape[1], 2 * xn.shape[2]), dtype=xn.dtype)
-        _gather_forward(xn, Dn, sn, tn, ln, out)
-        ctx.save_for_backward(x, D, src, dst, degree)
+    def forward(ctx, y, D, src, dst, degree, group, block, num_groups):
+        yn, Dn, sn, tn, ln, gn, bn = _arrays(y, D, src, dst, degree, group, block)
+        out = np.empty((Dn.shape[0], num_groups, yn.shape[2] // (2 * (int(bn.max()) + 1))), dtype=yn.dtype)
+        _gather_forward(yn, Dn, sn, tn, ln, gn, bn, out)
+        ctx.save_for_backward(y, D, src, dst, degree, group, block)
         return torch.from_numpy(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        xn, Dn, sn, tn, ln, gn = _arrays(*ctx.saved_tensors, grad_out)
-        grad_x, grad_D = np.zeros_like(xn), np.zeros_like(Dn)
-        _gather_backward(xn, Dn, sn, tn, ln, gn, grad_x, grad_D)
-        return torch.from_numpy(grad_x), torch.from_numpy(grad_D), None, None, None
+        yn, Dn, sn, tn, ln, gn, bn, go = _arrays(*ctx.saved_tensors, grad_out)
+        grad_y, grad_D = np.zeros_like(yn), np.zeros_like(Dn)
+        _gather_backward(yn, Dn, sn, tn, ln, gn, bn, go, grad_y, grad_D)
+        return torch.from_numpy(grad_y), torch.from_numpy(grad_D), None, None, None, None, None, None
 
 
 class RotateScatter(torch.autograd.Function):

@@ -150,6 +150,30 @@ class SO2Convolution(nn.Module):
         out = torch.cat(blocks, 1)
         return out.index_select(1, self.l_major) if self.layout.order == "l" else out
 
+    def input_projection(self, l: int) -> torch.Tensor:
+        """The first linear map of every order block read at its degree-``l`` input rows: (C_in, mmax + 1, H),
+        zero for blocks ``m > l``. Block m's hidden features are ``sum_{l >= m} x_{l, +-m} @ P_l[:, m]``, so this
+        map can act on coefficients before they are rotated into the edge frame (eSCN's
+        :class:`matkit.nn.escn_kernels.ProjectGather`). Achiral convolutions only."""
+        if self.chiral:
+            raise NotImplementedError("input_projection: chiral convolutions have a second (imaginary) map")
+        c, zero = self.in_channels, self.m0.fc1.weight.new_zeros(self.in_channels, self.hidden)
+        blocks = [self.m0] + list(self.real)
+        return torch.stack([blocks[m].fc1.weight[:, (l - m) * c:(l - m + 1) * c].T if m <= l else zero
+                            for m in range(self.layout.mmax + 1)], 1)
+
+    def forward_hidden(self, hidden: torch.Tensor, edge_features: torch.Tensor) -> torch.Tensor:
+        """The convolution from its first linear map's outputs ``hidden`` (E, 1 + 2 mmax, H) (rows m = 0, +1, -1,
+        +2, ..., as :meth:`input_projection` gives them): gates and second linear maps -> (E, K_t, C_out).
+        Achiral convolutions only."""
+        e, gates = hidden.shape[0], self.gates(edge_features)
+        blocks = [self.m0.fc2(hidden[:, 0] * gates[:, 0]).view(e, -1, self.out_channels)]
+        for m in range(1, self.layout.mmax + 1):
+            pair = hidden[:, 2 * m - 1:2 * m + 1] * gates[:, m, None]
+            blocks.append(self.real[m - 1].fc2(pair).view(e, -1, self.out_channels))
+        out = torch.cat(blocks, 1)
+        return out.index_select(1, self.l_major) if self.layout.order == "l" else out
+
     def effective_weights(self, edge_features: torch.Tensor) -> dict:
         """Per-edge linear maps: ``{0: W_0, m: (W_m^r, W_m^i or None)}``, W (E, n_l*C_out, n_l*C_in).
 

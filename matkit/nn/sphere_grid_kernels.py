@@ -1,5 +1,5 @@
 """Numba CPU kernels for pointwise functions on the S^2 grid (inference): a SiLU, ``from_grid(silu(to_grid(h)))``
-(:class:`GridSiLU`), and a bias-free 3-layer SiLU MLP, ``from_grid(mlp(to_grid(x)))`` (:class:`GridMLP`).
+(:class:`GridSiLU`), and the grid part of a bias-free 3-layer SiLU MLP applied pointwise (:class:`GridMLP`).
 
 eSCN applies the SiLU to every edge's message (``h`` (E, K, C) edge-frame coefficients, a grid of P points). As torch
 ops the grid values (E, P, C) are materialised three times (values, SiLU, and again in the backward pass), which
@@ -15,9 +15,10 @@ rest of the kernel. In float32 the sigmoid uses an exponential that vectorises: 
 < 1.2e-7 relative, one float32 ulp) and ``2^k`` built from the exponent bits; the sigmoid is within 2e-7 relative
 of the exact one (tested). float64 uses ``np.exp``.
 
-:class:`GridMLP` is eSCN's node update and readout: per tile of atoms the grid values of each input, the MLP's
-activations and the projection back are BLAS products on cache-sized blocks; the backward pass recomputes the
-tile's activations instead of storing (N, P, H) tensors. Its weights must be frozen (no weight gradients).
+:class:`GridMLP` is the grid part of eSCN's node update and readout: per tile of atoms the grid values, the MLP's
+middle layer and activations and the projection back are BLAS products on cache-sized blocks; the backward pass
+recomputes the tile's activations instead of storing (N, P, H) tensors. Its weight must be frozen (no weight
+gradient).
 """
 from __future__ import annotations
 
@@ -170,108 +171,91 @@ class GridSiLU(torch.autograd.Function):
         return torch.from_numpy(grad_h), None, None
 
 
-# ---- a pointwise 3-layer MLP on the S^2 grid -------------------------------------------------------------------
+# ---- the inner layers of a pointwise 3-layer MLP on the S^2 grid ---------------------------------------------
 #: atoms per tile of the grid MLP: few, so that the tile's (TILE_MLP * P, H) activations stay in L2
 TILE_MLP = 2
 
 
 @njit(**_OPTIONS)
-def _mlp_tile_forward(T, xs, e0, nb, W1t, W2t, W3t, xin, v, t, a1, s1, h1, a2, s2, h2, y, bits, fast):
-    """For the atoms e0..e0+nb: v = grid values of input i as (P, TILE * C) (one product for the tile), read as
-    rows of (point, atom) pairs: a1 = sum_i v_i W1_i^T, s1 = sigmoid(a1), h1 = a1 s1, a2 = h1 W2^T,
-    s2 = sigmoid(a2), h2 = a2 s2, y = h2 W3^T. Every array is preallocated (temporaries of this size would be
-    fresh pages from the OS on every tile)."""
-    n_in, C = xs.shape[0], xs.shape[3]
-    rows = v.shape[0] * v.shape[1] // C
-    for i in range(n_in):
-        _load_tile(xs[i], e0, nb, xin)
-        np.dot(T, xin, v)
-        if i == 0:
-            np.dot(v.reshape(rows, C), W1t[i], a1)
-        else:
-            np.dot(v.reshape(rows, C), W1t[i], t)
-            a1 += t
+def _mlp_tile_forward(T, z, e0, nb, W2t, zin, a1, s1, h1, a2, s2, bits, fast):
+    """For the atoms e0..e0+nb: a1 = T z as (P, TILE * H) (one product for the tile), read as rows of (point, atom)
+    pairs (TILE * P, H); s1 = sigmoid(a1), h1 = a1 s1, a2 = h1 W2^T, s2 = sigmoid(a2); h2 = a2 s2 is left to the
+    caller (written into s2). Every array is preallocated (temporaries of this size would be fresh pages from the
+    OS on every tile)."""
+    H = z.shape[2]
+    _load_tile(z, e0, nb, zin)
+    np.dot(T, zin, a1.reshape(T.shape[0], TILE_MLP * H))
     _sigmoid(a1, s1, bits, fast)
     np.multiply(a1, s1, h1)
     np.dot(h1, W2t, a2)
     _sigmoid(a2, s2, bits, fast)
-    np.multiply(a2, s2, h2)
-    np.dot(h2, W3t, y)
 
 
 @njit(**_OPTIONS)
-def _mlp_buffers(P, K, C, H, Cout, dtype):
+def _mlp_buffers(P, K, H, dtype):
     rows = TILE_MLP * P
-    return (np.zeros((K, TILE_MLP * C), dtype), np.empty((P, TILE_MLP * C), dtype), np.empty((rows, H), dtype),
+    return (np.zeros((K, TILE_MLP * H), dtype), np.empty((rows, H), dtype), np.empty((rows, H), dtype),
             np.empty((rows, H), dtype), np.empty((rows, H), dtype), np.empty((rows, H), dtype),
-            np.empty((rows, H), dtype), np.empty((rows, H), dtype), np.empty((rows, H), dtype),
-            np.empty((rows, Cout), dtype), np.empty((rows, H), np.int32))
+            np.empty((rows, H), np.int32))
 
 
 @njit(**_OPTIONS)
-def _mlp_forward(T, F, xs, W1t, W2t, W3t, fast, out):
-    n_in, N, K, C = xs.shape
-    P, H, Cout = T.shape[0], W2t.shape[0], W3t.shape[1]
-    xin, v, t, a1, s1, h1, a2, s2, h2, y, bits = _mlp_buffers(P, K, C, H, Cout, xs.dtype)
-    o = np.empty((F.shape[0], TILE_MLP * Cout), xs.dtype)
+def _mlp_forward(T, F, z, W2t, fast, out):
+    N, K, H = z.shape
+    P = T.shape[0]
+    zin, a1, s1, h1, a2, s2, bits = _mlp_buffers(P, K, H, z.dtype)
+    o = np.empty((F.shape[0], TILE_MLP * H), z.dtype)
     for e0 in range(0, N, TILE_MLP):
         nb = min(TILE_MLP, N - e0)
-        _mlp_tile_forward(T, xs, e0, nb, W1t, W2t, W3t, xin, v, t, a1, s1, h1, a2, s2, h2, y, bits, fast)
-        np.dot(F, y.reshape(P, TILE_MLP * Cout), o)
+        _mlp_tile_forward(T, z, e0, nb, W2t, zin, a1, s1, h1, a2, s2, bits, fast)
+        np.multiply(a2, s2, s2)                                   # h2
+        np.dot(F, s2.reshape(P, TILE_MLP * H), o)
         _store_tile(o, e0, nb, out)
 
 
 @njit(**_OPTIONS)
-def _mlp_backward(T, F, xs, W1t, W2t, W3t, grad_out, fast, grad_xs):
-    n_in, N, K, C = xs.shape
-    P, H, Cout = T.shape[0], W2t.shape[0], W3t.shape[1]
-    rows = TILE_MLP * P
-    Tt, Ft = np.ascontiguousarray(T.T), np.ascontiguousarray(F.T)
-    W1 = np.empty((n_in, H, C), xs.dtype)
-    for i in range(n_in):
-        W1[i] = W1t[i].T
-    W2, W3 = np.ascontiguousarray(W2t.T), np.ascontiguousarray(W3t.T)
-    xin, v, t, a1, s1, h1, a2, s2, h2, y, bits = _mlp_buffers(P, K, C, H, Cout, xs.dtype)
-    gin, gy = np.zeros((F.shape[0], TILE_MLP * Cout), xs.dtype), np.empty((P, TILE_MLP * Cout), xs.dtype)
-    gv, gx = np.empty((rows, C), xs.dtype), np.empty((K, TILE_MLP * C), xs.dtype)
-    g1, g2 = np.empty((rows, H), xs.dtype), np.empty((rows, H), xs.dtype)
+def _mlp_backward(T, F, z, W2t, grad_out, fast, grad_z):
+    N, K, H = z.shape
+    P = T.shape[0]
+    Tt, Ft, W2 = np.ascontiguousarray(T.T), np.ascontiguousarray(F.T), np.ascontiguousarray(W2t.T)
+    zin, a1, s1, h1, a2, s2, bits = _mlp_buffers(P, K, H, z.dtype)
+    gin, gz = np.zeros((F.shape[0], TILE_MLP * H), z.dtype), np.empty((K, TILE_MLP * H), z.dtype)
+    d2, d1 = np.empty((TILE_MLP * P, H), z.dtype), np.empty((TILE_MLP * P, H), z.dtype)
     for e0 in range(0, N, TILE_MLP):
         nb = min(TILE_MLP, N - e0)
-        _mlp_tile_forward(T, xs, e0, nb, W1t, W2t, W3t, xin, v, t, a1, s1, h1, a2, s2, h2, y, bits, fast)
+        _mlp_tile_forward(T, z, e0, nb, W2t, zin, a1, s1, h1, a2, s2, bits, fast)
         _load_tile(grad_out, e0, nb, gin)
-        np.dot(Ft, gin, gy)
-        np.dot(gy.reshape(rows, Cout), W3, g2)                # d/d h2
-        _times_silu_prime(g2, a2, s2)                         # d/d a2
-        np.dot(g2, W2, g1)
-        _times_silu_prime(g1, a1, s1)                         # d/d a1
-        for i in range(n_in):
-            np.dot(g1, W1[i], gv)
-            np.dot(Tt, gv.reshape(P, TILE_MLP * C), gx)
-            _store_tile(gx, e0, nb, grad_xs[i])
+        np.dot(Ft, gin, d2.reshape(P, TILE_MLP * H))            # d/d h2
+        _times_silu_prime(d2, a2, s2)                           # d/d a2
+        np.dot(d2, W2, d1)                                      # d/d h1
+        _times_silu_prime(d1, a1, s1)                           # d/d a1
+        np.dot(Tt, d1.reshape(P, TILE_MLP * H), gz)
+        _store_tile(gz, e0, nb, grad_z)
 
 
 class GridMLP(torch.autograd.Function):
-    """``F @ mlp(concat_i (T @ x_i))`` per atom: inputs ``xs`` (n_in, N, K, C) stacked coefficients, ``T`` (P, K),
-    ``F`` (K_out, P) (or the quadrature weights (1, P) for a sphere mean), and the weights of a bias-free
-    Linear-SiLU-Linear-SiLU-Linear MLP ``W1`` (H, n_in C), ``W2`` (H, H), ``W3`` (C_out, H) -> (N, K_out, C_out).
-    Gradient for ``xs`` only: use it only when the MLP's weights are frozen."""
+    """The grid part of a bias-free Linear-SiLU-Linear-SiLU-Linear MLP applied pointwise on the S^2 grid:
+    ``F @ silu(silu(T @ z) @ W2^T)`` per atom, for ``z`` (N, K, H) coefficients that already went through the
+    first linear map, ``T`` (P, K), ``F`` (K_out, P) (or the quadrature weights (1, P) for a sphere mean) and the
+    middle weight ``W2`` (H, H) -> (N, K_out, H). (The first and last linear maps act on channels and the grid
+    transforms on coefficients, so they commute and run outside, once per coefficient instead of once per grid
+    point: see :func:`matkit.nn.escn_blocks.grid_mlp`.) Gradient for ``z`` only: use it only when ``W2`` is
+    frozen."""
 
     @staticmethod
-    def forward(ctx, xs, T, F, W1, W2, W3):
-        xn = xs.detach().contiguous().numpy()
-        n_in, C = xn.shape[0], xn.shape[3]
-        W1t = np.ascontiguousarray(W1.detach().numpy().T.reshape(n_in, C, -1))   # (n_in, C, H): W1_i^T blocks
-        W2t, W3t = (np.ascontiguousarray(w.detach().numpy().T) for w in (W2, W3))
+    def forward(ctx, z, T, F, W2):
+        zn = z.detach().contiguous().numpy()
+        W2t = np.ascontiguousarray(W2.detach().numpy().T)
         Tn, Fn = T.contiguous().numpy(), F.contiguous().numpy()
-        out = np.empty((xn.shape[1], Fn.shape[0], W3t.shape[1]), dtype=xn.dtype)
-        _mlp_forward(Tn, Fn, xn, W1t, W2t, W3t, xn.dtype == np.float32, out)
-        ctx.arrays = (Tn, Fn, xn, W1t, W2t, W3t)
+        out = np.empty((zn.shape[0], Fn.shape[0], zn.shape[2]), dtype=zn.dtype)
+        _mlp_forward(Tn, Fn, zn, W2t, zn.dtype == np.float32, out)
+        ctx.arrays = (Tn, Fn, zn, W2t)
         return torch.from_numpy(out)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        Tn, Fn, xn, W1t, W2t, W3t = ctx.arrays
-        grad_xs = np.empty_like(xn)
-        _mlp_backward(Tn, Fn, xn, W1t, W2t, W3t, grad_out.contiguous().numpy(), xn.dtype == np.float32, grad_xs)
-        return torch.from_numpy(grad_xs), None, None, None, None, None
+        Tn, Fn, zn, W2t = ctx.arrays
+        grad_z = np.empty_like(zn)
+        _mlp_backward(Tn, Fn, zn, W2t, grad_out.contiguous().numpy(), zn.dtype == np.float32, grad_z)
+        return torch.from_numpy(grad_z), None, None, None
