@@ -177,7 +177,7 @@ class ESCN(Potential):
 
     def edge_rotations(self, edge_vec: torch.Tensor) -> torch.Tensor:
         """Wigner matrices into the edge frame, rows truncated to |m| <= mmax, m-major: (E, K_t, K)."""
-        return self.wigner(edge_frame_rotation(edge_vec))[:, self.kept]
+        return self.wigner(edge_frame_rotation(edge_vec), self.kept)
 
     def raw_atomic_energies(self, graph, species: torch.Tensor, edge_vec: torch.Tensor) -> torch.Tensor:
         source, target = graph.edge_index

@@ -70,11 +70,42 @@ def edge_frame_rotation(edge_vec: torch.Tensor) -> torch.Tensor:
     return rot
 
 
+def _degree_one_and_two_maps():
+    """Closed forms of the degree-1 and degree-2 Wigner matrices as linear maps of ``R`` and of ``R (x) R``.
+
+    On the unit sphere the e3nn harmonics are ``Y_1(x) = A x`` and ``Y_2(x)_m = x^T Q_m x`` (``Q_m`` symmetric and
+    traceless). Both are read off e3nn's harmonics at the unit vectors ``e_i`` and ``(e_i + e_j) / sqrt 2``
+    (no solver, so the maps are the same bits on every call). Then ``D_1 = A R A^-1`` and, since
+    ``R^T Q_m R = sum_n D_2[m, n] Q_n``, ``D_2[m, n] = <R^T Q_m R, Q*_n>`` with ``Q*`` the dual basis of the ``Q_n``
+    under the Frobenius product. Returns ``M1`` (9, 9) and ``M2`` (81, 25), float64:
+    ``D_1.flatten() = R.flatten() @ M1`` and ``D_2.flatten() = (R (x) R).flatten() @ M2``."""
+    eye = torch.eye(3, dtype=torch.float64)
+    pairs = [(i, j) for i in range(3) for j in range(i + 1, 3)]
+    points = torch.cat([eye, torch.stack([(eye[i] + eye[j]) / np.sqrt(2) for i, j in pairs])])
+    sh = o3.spherical_harmonics([1, 2], points, normalize=True, normalization="component")
+    a = sh[:3, :3].T                                                          # A[:, i] = Y_1(e_i)
+    q = torch.diag_embed(sh[:3, 3:].T)                                        # Q_ii = Y_2(e_i)
+    for k, (i, j) in enumerate(pairs):                                        # Y_2 at (e_i + e_j) / sqrt 2
+        q[:, i, j] = q[:, j, i] = sh[3 + k, 3:] - (q[:, i, i] + q[:, j, j]) / 2
+    check = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    check /= check.norm(dim=1, keepdim=True)
+    ref = o3.spherical_harmonics([1, 2], check, normalize=True, normalization="component")
+    fit = torch.cat([check @ a.T, torch.einsum("pi,mij,pj->pm", check, q, check)], 1)
+    if (fit - ref).abs().max() > 1e-12:
+        raise RuntimeError("the e3nn harmonics of degree 1 or 2 are not the expected polynomials")
+    dual = torch.einsum("nk,kij->nij", torch.linalg.inv(torch.einsum("mij,nij->mn", q, q)), q)
+    m1 = torch.einsum("ai,jb->ijab", a, torch.linalg.inv(a)).reshape(9, 9)
+    m2 = torch.einsum("mjk,nil->jiklmn", q, dual).reshape(81, 25)
+    return m1, m2
+
+
 class WignerD(nn.Module):
     """Block-diagonal Wigner-D matrices (E, K, K) of rotation matrices (E, 3, 3) for degrees 0..lmax.
 
     Real e3nn basis, coefficients l-major (index ``l^2 + l + m``); ``Y(R x) = D(R) Y(x)`` for the e3nn
-    spherical harmonics (any per-degree normalisation).
+    spherical harmonics (any per-degree normalisation). Degrees 1 and 2 are closed forms, linear and quadratic in
+    the entries of ``R`` (:func:`_degree_one_and_two_maps`); higher degrees are fitted as described in the module
+    docstring. ``forward(rot, rows)`` returns only the given rows, assembled in one gather.
     """
 
     def __init__(self, lmax: int, num_points: int | None = None, seed: int = 12345):
@@ -90,16 +121,26 @@ class WignerD(nn.Module):
         points /= np.linalg.norm(points, axis=1, keepdims=True)
         points_t = torch.tensor(points, dtype=torch.float64)
         sh = o3.spherical_harmonics(list(range(self.lmax + 1)), points_t, normalize=True, normalization="component")
+        m1, m2 = _degree_one_and_two_maps()
         pinvs = []
-        for l in range(self.lmax + 1):
+        for l in range(3, self.lmax + 1):
             block = sh[:, l * l:(l + 1) ** 2]
             cond = torch.linalg.cond(block).item()
             if cond > 1e4:
                 raise RuntimeError(f"ill-conditioned Wigner fitting points for l={l} (cond {cond:.1e})")
             pinvs.append(torch.linalg.pinv(block))
+        self.register_buffer("map1", m1, persistent=False)
+        self.register_buffer("map2", m2, persistent=False)
         self.register_buffer("points", points_t, persistent=False)
-        # (K, n) stacked pseudo-inverses; block l occupies rows l^2..(l+1)^2
-        self.register_buffer("pinv", torch.cat(pinvs, 0), persistent=False)
+        # (K - 9, n) stacked pseudo-inverses of the fitted degrees l >= 3; block l occupies rows l^2 - 9..
+        self.register_buffer("pinv", torch.cat(pinvs, 0) if pinvs else points_t.new_zeros(0, n), persistent=False)
+        # position of every entry of the (K, K) block-diagonal matrix in [0, flattened blocks]: 0 = a zero entry
+        index, offset = torch.zeros(self.dim, self.dim, dtype=torch.long), 1
+        for l in range(self.lmax + 1):
+            d = 2 * l + 1
+            index[l * l:(l + 1) ** 2, l * l:(l + 1) ** 2] = torch.arange(offset, offset + d * d).view(d, d)
+            offset += d * d
+        self.register_buffer("index", index, persistent=False)
 
     @property
     def dim(self) -> int:
@@ -107,29 +148,27 @@ class WignerD(nn.Module):
 
     def blocks(self, rot: torch.Tensor) -> list:
         """Per-degree Wigner matrices: list of (E, 2l+1, 2l+1) for l = 0..lmax."""
-        rotated = torch.einsum("pj,eij->epi", self.points.to(rot.dtype), rot)  # rows: R p
-        sh = o3.spherical_harmonics(list(range(self.lmax + 1)), rotated, normalize=False,
-                                    normalization="component")  # (E, n, K); R p is already unit
-        pinv = self.pinv.to(rot.dtype)
-        out = []
-        for l in range(self.lmax + 1):
-            s = slice(l * l, (l + 1) ** 2)
-            d_transposed = torch.einsum("kp,epq->ekq", pinv[s], sh[:, :, s])
-            out.append(d_transposed.transpose(1, 2))
+        e, dtype = rot.shape[0], rot.dtype
+        flat = rot.reshape(e, 9)
+        out = [rot.new_ones(e, 1, 1)]
+        if self.lmax >= 1:
+            out.append((flat @ self.map1.to(dtype)).view(e, 3, 3))
+        if self.lmax >= 2:
+            out.append(((flat[:, :, None] * flat[:, None, :]).view(e, 81) @ self.map2.to(dtype)).view(e, 5, 5))
+        if self.lmax >= 3:
+            rotated = torch.einsum("pj,eij->epi", self.points.to(dtype), rot)  # rows: R p
+            sh = o3.spherical_harmonics(list(range(self.lmax + 1)), rotated, normalize=False,
+                                        normalization="component")  # (E, n, K); R p is already unit
+            pinv = self.pinv.to(dtype)
+            for l in range(3, self.lmax + 1):
+                s = slice(l * l, (l + 1) ** 2)
+                d_transposed = torch.einsum("kp,epq->ekq", pinv[l * l - 9:(l + 1) ** 2 - 9], sh[:, :, s])
+                out.append(d_transposed.transpose(1, 2))
         return out
 
-    def forward(self, rot: torch.Tensor) -> torch.Tensor:
-        return _block_diagonal(self.blocks(rot))
-
-
-def _block_diagonal(blocks: list) -> torch.Tensor:
-    """List of (E, d_l, d_l) -> (E, sum d, sum d) block-diagonal."""
-    e = blocks[0].shape[0]
-    size = sum(b.shape[-1] for b in blocks)
-    out = blocks[0].new_zeros((e, size, size))
-    offset = 0
-    for b in blocks:
-        d = b.shape[-1]
-        out[:, offset:offset + d, offset:offset + d] = b
-        offset += d
-    return out
+    def forward(self, rot: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(E, 3, 3) -> (E, K, K), or (E, len(rows), K) with only the given rows (l-major indices)."""
+        e = rot.shape[0]
+        flat = torch.cat([rot.new_zeros(e, 1)] + [b.reshape(e, -1) for b in self.blocks(rot)], 1)
+        index = self.index if rows is None else self.index[rows]
+        return flat[:, index.flatten()].view(e, *index.shape)
