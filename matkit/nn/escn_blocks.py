@@ -46,7 +46,6 @@ def sphere_mlp(in_channels: int, hidden: int, out_channels: int, layers: int = 3
     return nn.Sequential(*mods)
 
 
-
 def grid_mlp(mlp: nn.Sequential, grid: SphereGrid, x: torch.Tensor, mean: bool = False) -> torch.Tensor:
     """``from_grid(mlp(to_grid(x)))``, or with ``mean=True`` the sphere average ``mean(mlp(to_grid(x)))``, for a
     3-layer :func:`sphere_mlp` applied pointwise on ``grid``: coefficients (N, K, C_in) -> (N, K_out, C_out), or
