@@ -21,7 +21,8 @@ Differences from the reference (fairchem ``escn.py``), all deliberate:
 * Deterministic edge frame (minimal rotation onto +y) instead of a random roll: the SO(2) convolution commutes
   with rotations about the edge, so the roll does not matter except through grid aliasing (see below).
 * Smooth polynomial envelope at the cutoff and no neighbour cap: energy and forces are continuous.
-* Wigner matrices from a least-squares fit of the harmonics at fixed points (polynomial in R, no Euler angles).
+* Wigner matrices as polynomials in R, no Euler angles: closed forms for l <= 2, a least-squares fit of the
+  harmonics at fixed points above (:class:`matkit.nn.wigner.WignerD`).
 * The source and target SO(2) blocks are one SO(2) convolution on the concatenated channels.
 * ``chiral=False`` (default) drops the imaginary SO(2) weights, which makes the model O(3)-invariant (mirror
   images have equal energy, as physics requires); ``chiral=True`` is the reference's SO(3)-only model.

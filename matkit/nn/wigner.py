@@ -14,8 +14,9 @@ Two pieces, both differentiable everywhere (forces and stress go through them):
   same result, so no random roll is needed (unlike the reference eSCN) and the model is deterministic.
 * :class:`WignerD` ``(E, 3, 3) -> (E, K, K)``, ``K = (L+1)^2``: block-diagonal Wigner matrices with
   ``Y(R x) = D(R) Y(x)`` (e3nn's convention, equal to ``Irreps.D_from_matrix``). They are computed without Euler
-  angles: for fixed points ``P`` (n, 3), ``Y_l(P R^T) = Y_l(P) D_l(R)^T``, so ``D_l^T = pinv(Y_l(P)) Y_l(P R^T)``.
-  This is a polynomial in the entries of ``R`` (no atan2 / acos), exact to rounding for any rotation.
+  angles, as polynomials in the entries of ``R`` (no atan2 / acos), exact to rounding for any rotation: degrees 1
+  and 2 in closed form (linear and quadratic in ``R``), higher degrees from fixed points ``P`` (n, 3):
+  ``Y_l(P R^T) = Y_l(P) D_l(R)^T``, so ``D_l^T = pinv(Y_l(P)) Y_l(P R^T)``.
 """
 from __future__ import annotations
 
