@@ -372,6 +372,69 @@ def test_cli_evaluate_per_element_force_errors(tmp_path, capsys):
     assert report["metrics"]["forces_mae"] == pytest.approx(total, rel=1e-12)
 
 
+def test_cli_evaluate_per_group_errors(tmp_path, capsys):
+    """`matkit evaluate --per-group` splits energy and force errors by configuration type: HDF5 ``frames/groups``
+    (mlearn Li, validation split) and extxyz ``config_type`` (none -> ''); reference: the calculator, structure by
+    structure, with the labels read by h5py / ASE."""
+    import h5py
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    model = ROOT / "potentials/tensornet-li/model.pt"
+    data = ROOT / "datasets/mlearn_li.h5"
+    out_json = tmp_path / "errors.json"
+    assert matkit_main(["evaluate", str(model), str(data), "--split", "val", "--dtype", "float64", "--per-group",
+                        "--json", str(out_json), "--no-progress"]) == 0
+    assert "AIMD-NVT" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    val = [int(i) for i in read_checkpoint(model)["metadata"]["val_indices"]]
+    calc = MatkitCalculator(model, dtype="float64", skin=0.0)
+    with h5py.File(data) as h5:
+        group = h5["frames/groups"].asstr()[:]
+        offsets, n_atoms = h5["frames/offsets"][:], h5["frames/n_atoms"][:]
+        numbers, positions, forces = (h5[f"atoms/{k}"][:] for k in ("atomic_numbers", "positions", "forces"))
+        cells, energies = h5["frames/cell"][:], h5["frames/energy"][:]
+    expected = {}
+    for i in val:
+        atoms = Atoms(numbers=numbers[offsets[i]:offsets[i] + n_atoms[i]],
+                      positions=positions[offsets[i]:offsets[i] + n_atoms[i]], cell=cells[i], pbc=True)
+        atoms.calc = calc
+        rows = expected.setdefault(group[i], {"e": [], "f": []})
+        rows["e"].append((atoms.get_potential_energy() - energies[i]) / len(atoms))
+        rows["f"].append((atoms.get_forces() - forces[offsets[i]:offsets[i] + n_atoms[i]]).ravel())
+    assert len(expected) > 1 and sorted(report["by_group"]) == sorted(expected)
+    for name, rows in expected.items():
+        got, de, df = report["by_group"][name], np.array(rows["e"]), np.concatenate(rows["f"])
+        assert got["structures"] == len(de)
+        assert got["energy_mae"] == pytest.approx(np.abs(de).mean(), rel=1e-6)
+        assert got["energy_rmse"] == pytest.approx(np.sqrt((de ** 2).mean()), rel=1e-6)
+        assert got["forces_mae"] == pytest.approx(np.abs(df).mean(), rel=1e-6)
+        assert got["forces_rmse"] == pytest.approx(np.sqrt((df ** 2).mean()), rel=1e-6)
+
+    # extxyz: config_type in atoms.info; a structure without one is the group ''
+    frames = [Atoms("Li2", positions=[[0, 0, 0], [1.4, 1.5, 1.6]], cell=np.eye(3) * 3.45, pbc=True)
+              for _ in range(3)]
+    for k, (atoms, kind) in enumerate(zip(frames, ("hot", "", "hot"))):
+        atoms.positions[1] += 0.1 * k
+        if kind:
+            atoms.info["config_type"] = kind
+        atoms.calc = SinglePointCalculator(atoms, energy=-3.8 + 0.01 * k, forces=np.full((2, 3), 0.05 * k))
+    path = tmp_path / "li.extxyz"
+    ase.io.write(path, frames, format="extxyz")
+    assert matkit_main(["evaluate", str(model), str(path), "--dtype", "float64", "--per-group", "--json",
+                        str(out_json), "--no-progress"]) == 0
+    assert "(none)" in capsys.readouterr().out
+    by_group = json.loads(out_json.read_text())["by_group"]
+    assert {name: row["structures"] for name, row in by_group.items()} == {"": 1, "hot": 2}
+    de = []
+    for atoms in ase.io.read(path, index=":"):
+        ref = atoms.get_potential_energy()
+        atoms.calc = calc
+        de.append(abs(atoms.get_potential_energy() - ref) / 2)
+    assert by_group["hot"]["energy_mae"] == pytest.approx((de[0] + de[2]) / 2, rel=1e-6)
+    assert by_group[""]["energy_mae"] == pytest.approx(de[1], rel=1e-6)
+
+
 def test_lr_schedules():
     from matkit.training.schedule import LRSchedule
 

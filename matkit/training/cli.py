@@ -4,7 +4,7 @@
 
     matkit train config.yaml [optim.lr=1e-3 run.out_dir=runs/x ...] [--resume [latest.pt]]
     torchrun --nproc_per_node=4 $(which matkit) train config.yaml      # data-parallel (also srun)
-    matkit evaluate runs/x/best.pt datasets/si.h5 [--json errors.json] [--split val] [--per-element]
+    matkit evaluate runs/x/best.pt datasets/si.h5 [--json errors.json] [--split val] [--per-element] [--per-group]
 
 Errors are one line naming the key or file (:func:`matkit.cli.main`; ``--debug`` shows the traceback).
 """
@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                                                           "parity_forces.png, ...) into DIR")
     evaluate.add_argument("--per-element", action="store_true",
                           help="also print (and with --json write) the force errors split by element")
+    evaluate.add_argument("--per-group", action="store_true",
+                          help="also print (and with --json write) the energy and force errors split by "
+                               "configuration type (frames/groups of a matkit HDF5 file, config_type of extxyz)")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -75,9 +78,9 @@ def run_evaluate(args) -> int:
     import torch
 
     from ..checkpoint import CheckpointError, load_checkpoint
-    from .datasets import load_dataset
-    from .evaluate import (evaluate_model, force_errors_by_element, format_element_table, format_metrics_table,
-                           metrics_json)
+    from .datasets import load_dataset, structure_groups
+    from .evaluate import (errors_by_group, evaluate_model, force_errors_by_element, format_element_table,
+                           format_group_table, format_metrics_table, metrics_json)
 
     try:
         model, payload = load_checkpoint(args.checkpoint, return_payload=True)
@@ -103,13 +106,22 @@ def run_evaluate(args) -> int:
         else:
             print(f"matkit evaluate: --split {args.split}: the checkpoint records no split", file=sys.stderr)
             return 2
+    groups = None
+    if args.per_group:
+        try:
+            groups = structure_groups(dataset)
+        except ValueError as err:
+            print(f"matkit evaluate: --per-group: {args.dataset}: {err}", file=sys.stderr)
+            return 2
+        groups = groups if indices is None else [groups[i] for i in indices]
     progress = None
     if not args.no_progress and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         progress = lambda it: tqdm(it, desc="evaluate")  # noqa: E731
     result = evaluate_model(model, dataset, batch_size=args.batch_size, device=args.device, dtype=dtype,
-                            indices=indices, collect=bool(args.plots or args.per_element), progress=progress)
+                            indices=indices, collect=bool(args.plots or args.per_element or args.per_group),
+                            progress=progress)
     n = len(dataset) if indices is None else len(indices)
     metrics = result.metrics()
     print(f"{payload['model']} checkpoint {args.checkpoint} on {args.dataset} ({args.split}):")
@@ -118,6 +130,9 @@ def run_evaluate(args) -> int:
     if args.per_element:
         extra["forces_by_element"] = force_errors_by_element(result.predictions.arrays())
         print(format_element_table(extra["forces_by_element"]))
+    if groups is not None:
+        extra["by_group"] = errors_by_group(result.predictions.arrays(), groups)
+        print(format_group_table(extra["by_group"]))
     if args.json:
         Path(args.json).write_text(metrics_json(metrics, checkpoint=str(args.checkpoint), dataset=str(args.dataset),
                                                 split=args.split, structures=n, **extra) + "\n")

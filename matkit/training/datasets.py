@@ -24,15 +24,19 @@ from torch.utils.data import Dataset
 from ..graph import AtomicGraph, atoms_to_graph
 
 __all__ = ["GraphListDataset", "graphs_from_atoms", "load_dataset", "structure_sizes", "dataset_species",
-           "Subset", "dataset_fingerprint", "LabelScan", "scan_labels"]
+           "Subset", "structure_groups", "dataset_fingerprint", "LabelScan", "scan_labels"]
 
 
 class GraphListDataset(Dataset):
-    """A list of graphs held in memory."""
+    """A list of graphs held in memory; ``groups``: optional configuration type of each graph (see
+    :func:`structure_groups`)."""
 
-    def __init__(self, graphs: Sequence[AtomicGraph]):
+    def __init__(self, graphs: Sequence[AtomicGraph], groups: Optional[Sequence[str]] = None):
         self.graphs = list(graphs)
         self.num_atoms = np.array([g.num_nodes for g in self.graphs], dtype=np.int64)
+        if groups is not None and len(groups) != len(self.graphs):
+            raise ValueError(f"{len(groups)} group labels for {len(self.graphs)} graphs")
+        self.groups = None if groups is None else [str(g) for g in groups]
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -91,7 +95,23 @@ def load_dataset(path, cutoff: float, dtype: Optional[torch.dtype] = None) -> Da
     import ase.io
 
     images = ase.io.read(str(path), index=":")
-    return GraphListDataset(graphs_from_atoms(images, cutoff, dtype))
+    return GraphListDataset(graphs_from_atoms(images, cutoff, dtype),
+                            groups=[str(atoms.info.get("config_type", "")) for atoms in images])
+
+
+def structure_groups(dataset) -> List[str]:
+    """The configuration type of every structure of ``dataset`` ('' where it has none), e.g. mlearn's
+    ``AIMD-NVT`` / ``Elastic`` / ``Surface`` / ``Vacancy``: ``frames/groups`` of matkit HDF5 files
+    (:class:`matkit.data.HDF5Dataset`), ``atoms.info["config_type"]`` of ASE-readable files (the extxyz convention
+    of MACE and others). Raises ValueError for a dataset that records none."""
+    files = getattr(dataset, "files", None)
+    if files is not None and hasattr(dataset, "indices"):  # HDF5Dataset: files concatenated, then indexed
+        labels = np.concatenate([np.asarray(f.h5["frames/groups"].asstr()[:], dtype=object) for f in files])
+        return [str(labels[int(i)]) for i in dataset.indices]
+    groups = getattr(dataset, "groups", None)
+    if groups is None:
+        raise ValueError(f"{type(dataset).__name__} records no configuration types (groups)")
+    return list(groups)
 
 
 def structure_sizes(dataset) -> np.ndarray:

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..graph import batch_graphs
+from ..graph import batch_graphs, graph_batch_vector
 from .ddp import all_reduce_sum
 from .losses import ErrorAccumulator, LossCounts, batch_targets, loss_terms
 
 __all__ = ["Predictions", "InferenceResult", "prepare_batch", "run_inference", "evaluate_model",
-           "format_metrics_table"]
+           "format_metrics_table", "errors_by_group", "format_group_table"]
 
 _FLOAT_KEYS = ("pos", "cell", "shifts", "forces", "stress")
 
@@ -40,30 +40,40 @@ def collate(graphs):
 
 @dataclass
 class Predictions:
-    """Collected per-atom energies and force components (model vs reference) for parity plots."""
+    """Collected per-atom energies and force components (model vs reference) for parity plots, with the position
+    of their structure in evaluation order (``*_structure``) for errors by configuration type."""
 
     energy_pred: List[np.ndarray] = field(default_factory=list)
     energy_ref: List[np.ndarray] = field(default_factory=list)
+    energy_structure: List[np.ndarray] = field(default_factory=list)
     forces_pred: List[np.ndarray] = field(default_factory=list)
     forces_ref: List[np.ndarray] = field(default_factory=list)
     forces_z: List[np.ndarray] = field(default_factory=list)   # atomic number of each force component
+    forces_structure: List[np.ndarray] = field(default_factory=list)
+    seen: int = 0                                               # structures added so far
 
-    def add(self, pred, targets, atomic_numbers: torch.Tensor) -> None:
+    def add(self, pred, targets, batch) -> None:
         natoms = targets.natoms.to(torch.float64)
         mask = targets.energy_mask
+        structure = self.seen + torch.arange(natoms.shape[0], device=mask.device)
         self.energy_pred.append((pred["energy"].detach() / natoms)[mask].cpu().numpy())
         self.energy_ref.append((targets.energy / natoms)[mask].cpu().numpy())
+        self.energy_structure.append(structure[mask].cpu().numpy())
         if "forces" in pred:
             fmask = targets.forces_mask
             self.forces_pred.append(pred["forces"].detach()[fmask].reshape(-1).double().cpu().numpy())
             self.forces_ref.append(targets.forces[fmask].reshape(-1).double().cpu().numpy())
-            self.forces_z.append(np.repeat(atomic_numbers[fmask].cpu().numpy(), 3))
+            self.forces_z.append(np.repeat(batch.atomic_numbers[fmask].cpu().numpy(), 3))
+            self.forces_structure.append(np.repeat(structure[graph_batch_vector(batch)][fmask].cpu().numpy(), 3))
+        self.seen += int(natoms.shape[0])
 
     def arrays(self) -> Dict[str, np.ndarray]:
         cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0)  # noqa: E731
         return {"energy_pred": cat(self.energy_pred), "energy_ref": cat(self.energy_ref),
+                "energy_structure": cat(self.energy_structure).astype(np.int64),
                 "forces_pred": cat(self.forces_pred), "forces_ref": cat(self.forces_ref),
-                "forces_z": cat(self.forces_z).astype(np.int64)}
+                "forces_z": cat(self.forces_z).astype(np.int64),
+                "forces_structure": cat(self.forces_structure).astype(np.int64)}
 
 
 def force_errors_by_element(arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
@@ -85,6 +95,38 @@ def format_element_table(by_element: Dict[str, Dict[str, float]]) -> str:
     lines = [f"{'forces of':<10}{'components':>12}{'MAE':>12}{'RMSE':>12}   (meV/Å)"]
     for symbol, row in by_element.items():
         lines.append(f"{symbol:<10}{row['components']:>12d}{1000 * row['mae']:12.3f}{1000 * row['rmse']:12.3f}")
+    return "\n".join(lines)
+
+
+def errors_by_group(arrays: Dict[str, np.ndarray], groups: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Energy (eV/atom) and force-component (eV/Å) errors split by configuration type: ``{group: {structures,
+    energy_mae, energy_rmse, forces_mae, forces_rmse}}`` from :meth:`Predictions.arrays`, ``groups[k]`` being the
+    type of the k-th evaluated structure. Shows where the error sits (e.g. hot MD frames vs strained crystals)
+    and whether a small validation split over-represents one type."""
+    groups = np.asarray(list(groups), dtype=object)
+    e_diff = arrays["energy_pred"] - arrays["energy_ref"]
+    f_diff = arrays["forces_pred"] - arrays["forces_ref"]
+    e_group, f_group = groups[arrays["energy_structure"]], groups[arrays["forces_structure"]]
+    out = {}
+    for name in sorted(set(groups.tolist())):
+        row = {"structures": int((groups == name).sum())}
+        for key, diff, where in (("energy", e_diff, e_group == name), ("forces", f_diff, f_group == name)):
+            d = diff[where]
+            row[f"{key}_mae"] = float(np.abs(d).mean()) if d.size else None
+            row[f"{key}_rmse"] = float(np.sqrt((d ** 2).mean())) if d.size else None
+        out[name] = row
+    return out
+
+
+def format_group_table(by_group: Dict[str, Dict[str, float]]) -> str:
+    """A fixed-width text table of :func:`errors_by_group` (energy in meV/atom, forces in meV/Å)."""
+    fmt = lambda x: f"{1000.0 * x:10.2f}" if x is not None else f"{'n/a':>10}"  # noqa: E731
+    width = max([len("group")] + [len(name or "(none)") for name in by_group]) + 2
+    lines = [f"{'group':<{width}}{'structures':>11}{'E MAE':>10}{'E RMSE':>10}{'F MAE':>10}{'F RMSE':>10}"
+             "   (meV/atom, meV/Å)"]
+    for name, row in by_group.items():
+        lines.append(f"{name or '(none)':<{width}}{row['structures']:>11d}{fmt(row['energy_mae'])}"
+                     f"{fmt(row['energy_rmse'])}{fmt(row['forces_mae'])}{fmt(row['forces_rmse'])}")
     return "\n".join(lines)
 
 
@@ -138,7 +180,7 @@ def run_inference(model, loader, device: torch.device, dtype: torch.dtype, stres
                                 9.0 * float(targets.stress_mask.sum()) if want_stress else 0.0],
                                dtype=torch.float64, device=device)
         if predictions is not None:
-            predictions.add(pred, targets, batch.atomic_numbers)
+            predictions.add(pred, targets, batch)
     if reduce:
         all_reduce_sum(errors.sums)
         all_reduce_sum(loss_sums)
