@@ -161,7 +161,7 @@ def main(argv=None):
     for row in rows:
         for w, r in row["loader"].items():
             per_batch = r["seconds"] / r["batches"]
-            cells = " | ".join(f"{row['steps'][m] * 1e3:.0f} | {per_batch / row['steps'][m]:.2f}" for m in models)
+            cells = " | ".join(f"{row['steps'][m] * 1e3:.0f} | {per_batch / row['steps'][m]:.2g}" for m in models)
             print(f"| {row['dataset']} | {row['frames']} | {r['batches']} | {row['atoms']:.0f} | {row['edges']:.0f} "
                   f"| {w} | {r['frames'] / r['seconds']:.1f} | {r['batches'] / r['seconds']:.1f} | "
                   f"{per_batch * 1e3:.1f} | {cells} |")
@@ -175,7 +175,7 @@ def main(argv=None):
         if r is None:
             continue
         per_batch = r["cpu_seconds"] / r["batches"]
-        cells = " | ".join(f"{row['step_cpu'][m] * 1e3:.0f} | {per_batch / row['step_cpu'][m]:.2f}" for m in models)
+        cells = " | ".join(f"{row['step_cpu'][m] * 1e3:.0f} | {per_batch / row['step_cpu'][m]:.2g}" for m in models)
         print(f"| {row['dataset']} | {r['cpu_seconds'] / r['frames'] * 1e3:.1f} | {per_batch * 1e3:.1f} | {cells} |")
     return rows
 
