@@ -76,6 +76,13 @@ class Predictions:
                 "forces_structure": cat(self.forces_structure).astype(np.int64)}
 
 
+def _mae_rmse(diff: np.ndarray):
+    """(MAE, RMSE) of an array of differences, ``(None, None)`` when it is empty."""
+    if diff.size == 0:
+        return None, None
+    return float(np.abs(diff).mean()), float(np.sqrt((diff ** 2).mean()))
+
+
 def force_errors_by_element(arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str, float]]:
     """Force-component errors split by the element of the atom: ``{symbol: {components, mae, rmse}}`` (eV/Å),
     from :meth:`Predictions.arrays`. Shows which species carry the error (e.g. the heavy atoms of a molecule)."""
@@ -85,8 +92,8 @@ def force_errors_by_element(arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str
     out = {}
     for z in np.unique(arrays["forces_z"]):
         d = diff[arrays["forces_z"] == z]
-        out[chemical_symbols[int(z)]] = {"components": int(d.size), "mae": float(np.abs(d).mean()),
-                                         "rmse": float(np.sqrt((d ** 2).mean()))}
+        mae, rmse = _mae_rmse(d)
+        out[chemical_symbols[int(z)]] = {"components": int(d.size), "mae": mae, "rmse": rmse}
     return out
 
 
@@ -111,9 +118,7 @@ def errors_by_group(arrays: Dict[str, np.ndarray], groups: Sequence[str]) -> Dic
     for name in sorted(set(groups.tolist())):
         row = {"structures": int((groups == name).sum())}
         for key, diff, where in (("energy", e_diff, e_group == name), ("forces", f_diff, f_group == name)):
-            d = diff[where]
-            row[f"{key}_mae"] = float(np.abs(d).mean()) if d.size else None
-            row[f"{key}_rmse"] = float(np.sqrt((d ** 2).mean())) if d.size else None
+            row[f"{key}_mae"], row[f"{key}_rmse"] = _mae_rmse(diff[where])
         out[name] = row
     return out
 
