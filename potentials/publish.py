@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
     split_row = (f"| split | {meta.get('train_structures')} training / {meta.get('val_structures')} validation "
                  f"structures: {split_sentence}. No separate test split exists for this data, so these are "
                  "validation errors, not test errors. |")
-    start = ((meta.get("config") or {}).get("finetune") or {}).get("from_checkpoint")
+    start = training_start(stages, meta.get("config"))
     shown = trained_on if start else species
     others = (f" (the other {len(species) - len(shown)} elements keep `{start}`'s values, on its scale, not this one)"
               if len(shown) < len(species) else "")
@@ -252,6 +253,13 @@ calls on a shared 2-core machine: {t32 * 1e3:.1f} ms (float32), {t64 * 1e3:.1f} 
     print(f"published {args.name}: val E MAE {err('energy_mae')} meV/atom, F MAE {err('forces_mae')} meV/Å; "
           f"EF {t32 * 1e3:.1f} ms (f32) / {t64 * 1e3:.1f} ms (f64) on {label}")
     return 0
+
+
+def training_start(stages, run_config):
+    """The checkpoint training started from (``finetune.from_checkpoint``), or None for training from scratch.
+    In a multi-stage training it is the first stage's: every later stage warm-restarts from the stage before it."""
+    first = yaml.safe_load(Path(stages[0]).read_text()) if stages else run_config
+    return ((first or {}).get("finetune") or {}).get("from_checkpoint")
 
 
 def finished_sentence(run, folder) -> str:

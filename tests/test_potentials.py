@@ -128,3 +128,17 @@ def test_bundled_potential_runs_in_ase_float32_and_float64(name):
     n = len(atoms)
     assert abs(results["float32"]["energy"] - results["float64"]["energy"]) / n < 1e-4
     np.testing.assert_allclose(results["float32"]["forces"], results["float64"]["forces"], atol=1e-3)
+
+
+def test_publish_names_the_first_stage_start_of_a_multi_stage_training(tmp_path):
+    """A later stage warm-restarts from the stage before it: the card names where the first stage started."""
+    spec = importlib.util.spec_from_file_location("publish", ROOT / "potentials" / "publish.py")
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    final = {"finetune": {"from_checkpoint": "runs/potentials/x-stage1/best.pt"}}
+    (tmp_path / "stage1.yaml").write_text("model: {name: tensornet}\n")
+    assert publish.training_start([tmp_path / "stage1.yaml"], final) is None           # stage 1 from scratch
+    (tmp_path / "stage1.yaml").write_text("finetune: {from_checkpoint: tensornet-matpes-pbe}\n")
+    assert publish.training_start([tmp_path / "stage1.yaml"], final) == "tensornet-matpes-pbe"
+    assert publish.training_start([], final) == "runs/potentials/x-stage1/best.pt"     # one stage: its own start
+    assert publish.training_start([], {"model": {"name": "tensornet"}}) is None
