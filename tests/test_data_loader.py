@@ -67,6 +67,9 @@ def test_dataset_subset_and_multiple_files(mptrj_file, tmp_path):
     assert len(both) == 15 and both[12].frame_id == "Si-1"
     subset = HDF5Dataset([mptrj_file, other], cutoff=3.0, indices=[12, 0], properties=[], atom_properties=[])
     assert subset[0].frame_id == "Si-1" and subset.n_atoms.tolist() == [both.n_atoms[12], both.n_atoms[0]]
+    # configuration types follow the same concatenation and indexing (mlearn groups; the MPtrj frames have none)
+    assert both.groups == [""] * 11 + ["Vacancy", "Surface", "AIMD-NVT", "Elastic"]
+    assert subset.groups == ["Surface", ""] and all(f._h5 is None for f in subset.files)
     with pytest.raises(KeyError, match="not in every file"):
         HDF5Dataset([mptrj_file, other], cutoff=3.0, properties=["corrected_total_energy"])
     with pytest.raises(IndexError):

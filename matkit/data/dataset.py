@@ -124,6 +124,17 @@ class HDF5Dataset(Dataset):
         f = int(np.searchsorted(self._starts, g, side="right") - 1)
         return self.files[f], g - int(self._starts[f])
 
+    @property
+    def groups(self) -> list:
+        """Configuration type of every item ('' where none), from ``frames/groups`` (e.g. mlearn's ``AIMD-NVT``,
+        ``Elastic``); for errors by configuration type. Leaves the files closed (reopened lazily on access)."""
+        labels = []
+        for frames in self.files:
+            labels.append(np.asarray(frames.h5["frames/groups"].asstr()[:], dtype=object))
+            frames.close()
+        labels = np.concatenate(labels)
+        return [str(labels[int(i)]) for i in self.indices]
+
     def read_arrays(self, k: int) -> dict:
         frames, local = self.locate(k)
         return frames.read_arrays(local, self.properties, self.atom_properties)

@@ -104,10 +104,6 @@ def structure_groups(dataset) -> List[str]:
     ``AIMD-NVT`` / ``Elastic`` / ``Surface`` / ``Vacancy``: ``frames/groups`` of matkit HDF5 files
     (:class:`matkit.data.HDF5Dataset`), ``atoms.info["config_type"]`` of ASE-readable files (the extxyz convention
     of MACE and others). Raises ValueError for a dataset that records none."""
-    files = getattr(dataset, "files", None)
-    if files is not None and hasattr(dataset, "indices"):  # HDF5Dataset: files concatenated, then indexed
-        labels = np.concatenate([np.asarray(f.h5["frames/groups"].asstr()[:], dtype=object) for f in files])
-        return [str(labels[int(i)]) for i in dataset.indices]
     groups = getattr(dataset, "groups", None)
     if groups is None:
         raise ValueError(f"{type(dataset).__name__} records no configuration types (groups)")
