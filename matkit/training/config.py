@@ -107,8 +107,10 @@ class OptimConfig:
     ``schedule``: ``cosine`` (decays to ``min_lr_ratio * lr`` at the last step), ``plateau`` (multiplies by
     ``plateau_factor`` when the validation loss has not improved for ``plateau_patience`` epochs) or
     ``constant``; all with a linear warm-up over ``warmup_steps``. Training stops after ``epochs`` epochs or
-    ``max_steps`` optimiser steps, whichever comes first. ``ema_decay`` 0 disables the EMA;
-    ``grad_clip`` 0 disables clipping (max global gradient norm).
+    ``max_steps`` optimiser steps, whichever comes first. ``ema_decay`` 0 disables the EMA; the EMA warms up
+    as ``min(ema_decay, (1 + n) / (10 + n))`` after n steps, so a decay d above 0.99 only takes hold after
+    ``(10 d - 1) / (1 - d)`` steps (~4500 for 0.998, ~900 for 0.99). ``grad_clip`` 0 disables clipping (max global
+    gradient norm).
     """
 
     optimizer: Literal["adamw"] = "adamw"
