@@ -76,6 +76,19 @@ def test_dataset_subset_and_multiple_files(mptrj_file, tmp_path):
         both[15]
 
 
+def test_dataset_groups_ignore_rows_past_n_frames(tmp_path):
+    """Rows an interrupted append left past ``n_frames`` do not shift the next file's configuration types."""
+    import h5py
+
+    path = tmp_path / "si.h5"
+    convert(os.path.join(FIXTURES, "mlearn_si_4.json"), path, "mlearn", progress=False)
+    with h5py.File(path, "r+") as h5:
+        h5["frames/groups"].resize(6, axis=0)
+        h5["frames/groups"][4] = "not a frame"
+    dataset = HDF5Dataset([path, path], cutoff=3.0, properties=[], atom_properties=[])
+    assert dataset.groups == ["Vacancy", "Surface", "AIMD-NVT", "Elastic"] * 2
+
+
 def test_sampler_bound_coverage_and_determinism():
     sizes = np.random.default_rng(0).integers(1, 60, size=200)
     sampler = MaxAtomsBatchSampler(sizes, max_atoms=100, shuffle=True, seed=7)

@@ -130,7 +130,8 @@ class HDF5Dataset(Dataset):
         ``Elastic``); for errors by configuration type. Leaves the files closed (reopened lazily on access)."""
         labels = []
         for frames in self.files:
-            labels.append(np.asarray(frames.h5["frames/groups"].asstr()[:], dtype=object))
+            # rows past the file's n_frames (an interrupted append) are not frames
+            labels.append(np.asarray(frames.h5["frames/groups"].asstr()[:len(frames)], dtype=object))
             frames.close()
         labels = np.concatenate(labels)
         return [str(labels[int(i)]) for i in self.indices]
