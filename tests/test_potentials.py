@@ -85,11 +85,17 @@ def test_test_set_errors_match_the_model_card(name, index, tmp_path):
     assert_same_errors(evaluate_float64(folder / "model.pt", ROOT / card["dataset"], tmp_path), card)
 
 
-def test_publish_takes_the_training_sentence_from_the_run_log_else_from_the_card(tmp_path):
-    """Republishing without the run folder (``--run`` with a copy of ``model.pt``) keeps what the card said."""
+def load_publish():
+    """``potentials/publish.py`` (a script, not a package module) imported for its helpers."""
     spec = importlib.util.spec_from_file_location("publish", ROOT / "potentials" / "publish.py")
     publish = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(publish)
+    return publish
+
+
+def test_publish_takes_the_training_sentence_from_the_run_log_else_from_the_card(tmp_path):
+    """Republishing without the run folder (``--run`` with a copy of ``model.pt``) keeps what the card said."""
+    publish = load_publish()
     folder = tmp_path / "card"
     folder.mkdir()
     (folder / "README.md").write_text("| training | best checkpoint after epoch 230, EMA weights; a CPU. "
@@ -132,9 +138,7 @@ def test_bundled_potential_runs_in_ase_float32_and_float64(name):
 
 def test_publish_names_the_first_stage_start_of_a_multi_stage_training(tmp_path):
     """A later stage warm-restarts from the stage before it: the card names where the first stage started."""
-    spec = importlib.util.spec_from_file_location("publish", ROOT / "potentials" / "publish.py")
-    publish = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(publish)
+    publish = load_publish()
     final = {"finetune": {"from_checkpoint": "runs/potentials/x-stage1/best.pt"}}
     (tmp_path / "stage1.yaml").write_text("model: {name: tensornet}\n")
     assert publish.training_start([tmp_path / "stage1.yaml"], final) is None           # stage 1 from scratch
