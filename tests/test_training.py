@@ -20,7 +20,7 @@ from matkit.cli import main as matkit_main
 from matkit.graph import batch_graphs
 from matkit.models import build
 from matkit.training import ConfigError, GraphListDataset, Trainer, config_from_dict, load_config, train
-from matkit.training.evaluate import evaluate_model
+from matkit.training.evaluate import collate, evaluate_model, prepare_batch
 from matkit.training.losses import batch_targets, loss_counts, loss_terms, voigt_to_matrix
 from matkit.training.stats import DatasetStatistics, fit_reference_energies, refit_reference_energies
 from test_training_support import config_with, mlearn_si_atoms, mlearn_si_graphs
@@ -194,6 +194,87 @@ def test_refit_reference_energies_removes_the_energy_offset_and_keeps_forces():
         np.testing.assert_array_equal(f1, f0)
     new_residual = np.array([images[i].get_potential_energy() - after[i][0] for i in split])
     assert abs(n @ new_residual) < 1e-6 * np.abs(n @ residual)   # normal equation of the fit holds
+
+
+def test_loss_terms_weigh_each_structure_by_its_loss_weight():
+    """``loss_weight`` (B,) multiplies a structure's energy, force and stress penalties; the denominators stay the
+    label counts (hand computation with numpy); weights of 1 give the unweighted loss."""
+    graphs = mlearn_si_graphs(3, dtype=torch.float64)
+    w = np.array([2.0, 0.0, 0.5])
+    batch = batch_graphs(graphs)
+    plain = batch_targets(batch)
+    batch.loss_weight = torch.tensor(w)
+    targets = batch_targets(batch)
+    gen = torch.Generator().manual_seed(1)
+    pred = {"energy": targets.energy + torch.randn(3, generator=gen, dtype=torch.float64),
+            "forces": targets.forces + torch.randn(targets.forces.shape, generator=gen, dtype=torch.float64),
+            "stress": targets.stress + 1e-3 * torch.randn(3, 3, 3, generator=gen, dtype=torch.float64)}
+    counts = loss_counts(targets)
+    weights = {"energy": 2.0, "forces": 3.0, "stress": 5.0}
+    terms = loss_terms(pred, targets, counts, weights)
+
+    natoms = np.array([g.num_nodes for g in graphs])
+    de = (pred["energy"].numpy() - np.array([float(g.energy) for g in graphs])) / natoms
+    df = pred["forces"].numpy() - np.concatenate([g.forces.numpy() for g in graphs])
+    w_atom = np.repeat(w, natoms)
+    ds = [pred["stress"][k].numpy() - voigt_6_to_full_3x3_stress(g.stress[0].numpy()) for k, g in enumerate(graphs)]
+    assert float(terms["energy"]) == pytest.approx(np.sum(w * de ** 2) / 3, rel=1e-12)
+    assert float(terms["forces"]) == pytest.approx(np.sum(w_atom[:, None] * df ** 2) / df.size, rel=1e-12)
+    assert float(terms["stress"]) == pytest.approx(sum(w[k] * np.sum(ds[k] ** 2) for k in range(3)) / 27,
+                                                   rel=1e-12)
+    batch.loss_weight = torch.ones(3)
+    ones = loss_terms(pred, batch_targets(batch), counts, weights)
+    unweighted = loss_terms(pred, plain, counts, weights)
+    assert float(ones["total"]) == pytest.approx(float(unweighted["total"]), rel=1e-15)
+    assert float(terms["total"]) != pytest.approx(float(unweighted["total"]), rel=1e-3)
+
+
+def test_config_type_weights_reach_the_training_step(tmp_path):
+    """``loss.config_type_weights`` gives every training structure of a type its weight (others 1) without
+    touching the dataset's own graphs, and the loss of a training step is the weighted one (recomputed by hand
+    from the model's prediction before the step); a type absent from the training split, or a dataset without
+    types, is a one-line ConfigError naming the key."""
+    graphs = mlearn_si_graphs(12, dtype=torch.float32)
+    groups = ["AIMD-NVT", "Elastic", "Vacancy"] * 4
+    config = _base(tmp_path, loss={"config_type_weights": {"Elastic": 3.0, "Vacancy": 0.0}},
+                   optim={"ema_decay": 0.0})
+    trainer = Trainer(config, train_dataset=GraphListDataset(graphs, groups=groups))
+    try:
+        expected = {"AIMD-NVT": 1.0, "Elastic": 3.0, "Vacancy": 0.0}
+        for i in trainer.train_indices:
+            assert float(trainer.train_source[i].loss_weight) == expected[groups[i]]
+            assert getattr(trainer.train_full[i], "loss_weight", None) is None
+        indices = trainer.train_indices[:6]
+        batch = prepare_batch(collate([trainer.train_source[i] for i in indices]), trainer.device, trainer.dtype)
+        pred = trainer.model(batch, forces=True, stress=True, training=True)
+        targets = batch_targets(batch)
+        by_hand = {}
+        for name, select in (("energy", lambda t: t.energy_mask), ("forces", lambda t: t.forces_mask),
+                             ("stress", lambda t: t.stress_mask)):
+            t = batch_targets(batch)
+            t.weight = None
+            diff = {"energy": (pred["energy"] - t.energy) / t.natoms, "forces": pred["forces"] - t.forces,
+                    "stress": pred["stress"] - t.stress}[name].detach().double()
+            w = torch.tensor([expected[groups[i]] for i in indices], dtype=torch.float64)
+            w = w[t.batch] if name == "forces" else w
+            sq = diff ** 2 * w.reshape(-1, *([1] * (diff.dim() - 1)))
+            by_hand[name] = float(sq.sum()) / float(getattr(loss_counts(t), name))
+        result = trainer.train_step(batch)
+        assert targets.weight is not None
+        for name in ("energy", "forces", "stress"):
+            assert result[f"loss_{name}"] == pytest.approx(by_hand[name], rel=1e-5)
+    finally:
+        trainer.close()
+
+    with pytest.raises(ConfigError, match=r"loss.config_type_weights.*'Surface'.*\['AIMD-NVT', 'Elastic', "
+                                          r"'Vacancy'\]"):
+        Trainer(_base(tmp_path, loss={"config_type_weights": {"Surface": 2.0}}),
+                train_dataset=GraphListDataset(graphs, groups=groups))
+    with pytest.raises(ConfigError, match="loss.config_type_weights.*records no configuration types"):
+        Trainer(_base(tmp_path, loss={"config_type_weights": {"Elastic": 2.0}}),
+                train_dataset=GraphListDataset(graphs))
+    with pytest.raises(ConfigError, match=r"loss.config_type_weights.Elastic' must be a finite number >= 0"):
+        _base(tmp_path, loss={"config_type_weights": {"Elastic": -1.0}})
 
 
 def test_trainer_fits_reference_energy_scale_and_shift_on_the_training_split(tmp_path):

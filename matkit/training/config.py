@@ -91,13 +91,21 @@ class DataConfig:
 class LossConfig:
     """Weights of the loss terms. Energy: per-atom energy error per structure; forces: per Cartesian
     component; stress: per component of the 3x3 tensor (eV/Å^3). ``kind``: ``mse`` or ``huber``
-    (``huber_delta`` in the units of each term)."""
+    (``huber_delta`` in the units of each term).
+
+    ``config_type_weights``: ``{configuration type: weight}`` multiplies every loss term of the training
+    structures of that type (e.g. ``{Surface: 10.0}`` for mlearn's surfaces; types not listed keep weight 1), as
+    MACE's option of that name. Types are the dataset's (``frames/groups`` of matkit HDF5 files,
+    ``atoms.info["config_type"]`` of extxyz); a type the training split lacks is an error. The validation loss
+    that picks the best checkpoint stays unweighted, so runs with different weights are compared on one
+    objective."""
 
     energy_weight: float = 1.0
     forces_weight: float = 10.0
     stress_weight: float = 0.0
     kind: Literal["mse", "huber"] = "mse"
     huber_delta: float = 0.01
+    config_type_weights: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -187,6 +195,9 @@ class TrainConfig:
         _check(self.loss.energy_weight + self.loss.forces_weight + self.loss.stress_weight > 0, "loss",
                "at least one of energy_weight, forces_weight, stress_weight must be positive")
         _check(self.loss.huber_delta > 0, "loss.huber_delta", "must be > 0")
+        for name, weight in self.loss.config_type_weights.items():
+            _check(math.isfinite(weight) and weight >= 0, f"loss.config_type_weights.{name}",
+                   f"must be a finite number >= 0, got {weight!r}")
         _check(self.optim.lr > 0, "optim.lr", "must be > 0")
         _check(self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",

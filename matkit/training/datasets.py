@@ -12,6 +12,7 @@ that the trainer can say so instead of dropping them silently.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch.utils.data import Dataset
 from ..graph import AtomicGraph, atoms_to_graph
 
 __all__ = ["GraphListDataset", "graphs_from_atoms", "load_dataset", "structure_sizes", "dataset_species",
-           "Subset", "structure_groups", "dataset_fingerprint", "LabelScan", "scan_labels"]
+           "Subset", "StructureWeights", "structure_groups", "dataset_fingerprint", "LabelScan", "scan_labels"]
 
 
 class GraphListDataset(Dataset):
@@ -60,6 +61,26 @@ class Subset(Dataset):
 
     def __getitem__(self, index: int):
         return self.dataset[self.indices[index]]
+
+
+class StructureWeights(Dataset):
+    """``dataset`` whose items carry a loss weight: ``loss_weight`` (1,) float64 = ``weights[index]``, read by
+    :func:`matkit.training.losses.batch_targets`. Items are shallow copies: the parent's graphs are left as they
+    are (an in-memory dataset may hand out the same graph to validation)."""
+
+    def __init__(self, dataset, weights: Sequence[float]):
+        if len(weights) != len(dataset):
+            raise ValueError(f"{len(weights)} loss weights for {len(dataset)} structures")
+        self.dataset = dataset
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        graph = copy.copy(self.dataset[index])
+        graph.loss_weight = self.weights[int(index)].reshape(1)
+        return graph
 
 
 def graphs_from_atoms(images, cutoff: float, dtype: Optional[torch.dtype] = None) -> List[AtomicGraph]:

@@ -7,7 +7,9 @@ Labels on a batch (PyG ``Batch`` of :class:`~matkit.graph.AtomicGraph`):
 * ``stress`` (B, 3, 3) or (B, 6) in ASE Voigt order (xx, yy, zz, yz, xz, xy), eV/Å^3, tensile positive.
 
 A label is missing for a structure when its presence mask (``has_energy`` / ``has_forces`` / ``has_stress``,
-(B,) bool, optional) is false, when the attribute is absent, or when its values are NaN.
+(B,) bool, optional) is false, when the attribute is absent, or when its values are NaN. An optional
+``loss_weight`` (B,) scales each structure's terms in the loss (its energy, its atoms' forces, its stress; 1 when
+absent): per-configuration-type weights (``loss.config_type_weights``) travel this way.
 
 Losses are *sums* over the structures/atoms of the local batch divided by counts over the *global* batch, so
 that with data parallelism the per-rank losses add up to the loss of the global batch (see :func:`loss_terms`).
@@ -49,6 +51,7 @@ class Targets:
     forces_mask: torch.Tensor     # (N,) bool (per atom, from its structure)
     stress: torch.Tensor          # (B, 3, 3) eV/Å^3
     stress_mask: torch.Tensor     # (B,) bool
+    weight: Optional[torch.Tensor] = None  # (B,) float64 loss weight per structure; None: all 1
 
 
 def _structure_mask(graph, name: str, n: int, device) -> torch.Tensor:
@@ -104,7 +107,13 @@ def batch_targets(graph) -> Targets:
                              f"({n_graphs}, 3, 3)")
         s_mask = _structure_mask(graph, "stress", n_graphs, device) & torch.isfinite(stress).flatten(1).all(dim=1)
         stress = torch.where(s_mask[:, None, None], stress, torch.zeros_like(stress))
-    return Targets(natoms, batch, energy, e_mask, forces, f_mask, stress, s_mask)
+    weight = getattr(graph, "loss_weight", None)
+    if weight is not None:
+        weight = weight.reshape(-1).to(device=device, dtype=torch.float64)
+        if weight.shape[0] != n_graphs:
+            raise ValueError(f"loss_weight has shape {tuple(graph.loss_weight.shape)}; expected one per structure "
+                             f"({n_graphs})")
+    return Targets(natoms, batch, energy, e_mask, forces, f_mask, stress, s_mask, weight)
 
 
 @dataclass
@@ -145,21 +154,26 @@ def loss_terms(pred: Dict[str, torch.Tensor], targets: Targets, counts: LossCoun
     ``energy``: mean over structures of ``rho(E_pred/n - E/n)`` (per-atom energy, eV/atom);
     ``forces``: mean over force components of ``rho(F_pred - F)`` (eV/Å);
     ``stress``: mean over the 9 stress components of ``rho(S_pred - S)`` (eV/Å^3);
-    ``rho`` is the square (``mse``) or the Huber function. Returns the float64 terms and ``total`` =
-    sum of ``weights[k] * term[k]``; terms without labels in the global batch are zero.
+    ``rho`` is the square (``mse``) or the Huber function. With ``targets.weight`` each structure's penalties are
+    multiplied by its weight (the denominators stay the label counts, as MACE's ``config_type_weights`` do).
+    Returns the float64 terms and ``total`` = sum of ``weights[k] * term[k]``; terms without labels in the global
+    batch are zero.
     """
     terms = {}
     zero = pred["energy"].new_zeros(())
+    per_structure = torch.ones_like(targets.energy) if targets.weight is None else targets.weight
     if weights.get("energy", 0.0) > 0 and counts.energy > 0:
         diff = (pred["energy"] - targets.energy) / targets.natoms.clamp(min=1).to(torch.float64)
-        terms["energy"] = (_penalty(diff, kind, huber_delta) * targets.energy_mask).sum() / counts.energy
+        mask = targets.energy_mask * per_structure
+        terms["energy"] = (_penalty(diff, kind, huber_delta) * mask).sum() / counts.energy
     if weights.get("forces", 0.0) > 0 and counts.forces > 0:
         diff = (pred["forces"] - targets.forces).to(torch.float64)
-        terms["forces"] = (_penalty(diff, kind, huber_delta) * targets.forces_mask[:, None]).sum() / counts.forces
+        mask = targets.forces_mask * per_structure[targets.batch]
+        terms["forces"] = (_penalty(diff, kind, huber_delta) * mask[:, None]).sum() / counts.forces
     if weights.get("stress", 0.0) > 0 and counts.stress > 0:
         diff = (pred["stress"] - targets.stress).to(torch.float64)
         diff = torch.where(targets.stress_mask[:, None, None], diff, torch.zeros_like(diff))  # NaN-safe
-        terms["stress"] = _penalty(diff, kind, huber_delta).sum() / counts.stress
+        terms["stress"] = (_penalty(diff, kind, huber_delta) * per_structure[:, None, None]).sum() / counts.stress
     total = zero
     for key, value in terms.items():
         total = total + weights[key] * value

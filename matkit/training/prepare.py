@@ -19,13 +19,14 @@ import torch
 
 from ..models import build, get_class
 from .config import _YAML11_FLOAT, ConfigError, TrainConfig
-from .datasets import dataset_fingerprint, dataset_species, load_dataset, scan_labels
+from .datasets import dataset_fingerprint, dataset_species, load_dataset, scan_labels, structure_groups
 from .stats import collect_statistics, refit_reference_energies, resolve_reference_energies, resolve_scale_shift
 
 log = logging.getLogger("matkit.training")
 
 __all__ = ["resolve_device", "check_hparams", "DatasetFiles", "build_model", "load_datasets", "check_cutoff",
-           "random_split", "split_data", "report_labels", "freeze_parameters", "fit_output_transform"]
+           "random_split", "split_data", "report_labels", "structure_loss_weights", "freeze_parameters",
+           "fit_output_transform"]
 
 
 def _one_line(err: BaseException) -> str:
@@ -287,6 +288,32 @@ def report_labels(config: TrainConfig, train_full, train_indices: Sequence[int],
             used = [k for k, w in weights.items() if w > 0]
             raise ConfigError(f"{what}: none of the {len(indices)} frames has a usable (finite) label for the "
                               f"weighted loss terms {used}")
+
+
+def structure_loss_weights(config: TrainConfig, train_full, train_indices: Sequence[int]) -> Optional[np.ndarray]:
+    """Loss weight of every structure of ``train_full`` from ``loss.config_type_weights`` (1 for types not
+    listed), or None when the mapping is empty. Raises ConfigError when the dataset records no configuration
+    types or a listed type has no structure in the training split (a misspelt type would otherwise weigh
+    nothing); logs how many training structures each weight applies to."""
+    wanted = config.loss.config_type_weights
+    if not wanted:
+        return None
+    key = "config key 'loss.config_type_weights'"
+    try:
+        groups = structure_groups(train_full)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {config.data.train or 'the training data'} {_one_line(err)}") from None
+    in_split = sorted({groups[i] for i in train_indices})
+    missing = [name for name in wanted if name not in in_split]
+    if missing:
+        raise ConfigError(f"{key}: no training structure of type {', '.join(repr(m) for m in missing)} in "
+                          f"{config.data.train or 'the training data'}; its types are {in_split}")
+    weights = np.array([wanted.get(group, 1.0) for group in groups], dtype=np.float64)
+    counts = {name: sum(groups[i] == name for i in train_indices) for name in wanted}
+    log.info("loss weights by configuration type: %s; the other %d training structures weigh 1",
+             ", ".join(f"{name} x{wanted[name]:g} ({counts[name]} structures)" for name in wanted),
+             len(train_indices) - sum(counts.values()))
+    return weights
 
 
 # ---- parameters and output transform ------------------------------------------------------------------------------

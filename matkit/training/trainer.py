@@ -46,13 +46,14 @@ from torch.utils.data import DataLoader
 from ..allocator import keep_freed_memory
 from .batching import epoch_batches
 from .config import ConfigError, TrainConfig
-from .datasets import structure_sizes
+from .datasets import StructureWeights, structure_sizes
 from .ddp import (all_reduce_sum, barrier, cleanup_distributed, detect_distributed, init_distributed,
                   split_global_batch)
 from .evaluate import collate, prepare_batch, run_inference
 from .losses import ErrorAccumulator, LossCounts, batch_targets, loss_counts, loss_terms
 from .prepare import (DatasetFiles, build_model, check_hparams, fit_output_transform, freeze_parameters,
-                      load_datasets, random_split, report_labels, resolve_device, split_data)
+                      load_datasets, random_split, report_labels, resolve_device, split_data,
+                      structure_loss_weights)
 from .run_log import CSV_COLUMNS, Progress, RunLog, parity_plots
 from .schedule import ExponentialMovingAverage, LRSchedule
 from .state import (TRAINING_STATE_VERSION, check_resume_data, check_resume_settings, load_training_state,
@@ -124,6 +125,10 @@ class Trainer:
                                                                         restored)
         report_labels(config, self.train_full, self.train_indices, self.val_set, self.val_indices,
                       separate_val=self.val_full is not None)
+        loss_weights = structure_loss_weights(config, self.train_full, self.train_indices)
+        # what training batches are read from: the training data, with per-structure loss weights if any
+        self.train_source = self.train_full if loss_weights is None else StructureWeights(self.train_full,
+                                                                                         loss_weights)
         self.frozen = freeze_parameters(self.model, config.finetune.freeze)
         if self.frozen:
             log.info("frozen parameters (%d): %s", len(self.frozen), ", ".join(self.frozen))
@@ -318,7 +323,7 @@ class Trainer:
             parts = [self._local(b) for b in self.current_batches[self.step_in_epoch:]]
             local = [indices for indices, _ in parts]
             padded = [pad for _, pad in parts]
-            bar = progress(self._loader(self.train_full, local), total=len(local),
+            bar = progress(self._loader(self.train_source, local), total=len(local),
                            desc=f"epoch {self.epoch + 1}/{cfg.optim.epochs}", leave=False)
             for position, batch in enumerate(bar):
                 t0 = time.perf_counter()
