@@ -81,6 +81,14 @@ def test_voigt_conversion_matches_ase():
     np.testing.assert_array_equal(voigt_to_matrix(voigt)[0].numpy(), voigt_6_to_full_3x3_stress(voigt[0].numpy()))
 
 
+def _perturbed_labels(targets, seed: int):
+    """Stand-in predictions for a 3-structure batch: its labels plus seeded Gaussian noise (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"energy": targets.energy + torch.randn(3, generator=gen, dtype=torch.float64),
+            "forces": targets.forces + torch.randn(targets.forces.shape, generator=gen, dtype=torch.float64),
+            "stress": targets.stress + 1e-3 * torch.randn(3, 3, 3, generator=gen, dtype=torch.float64)}
+
+
 def test_loss_terms_match_a_hand_computation_with_masks():
     graphs = mlearn_si_graphs(3, dtype=torch.float64)
     for k, graph in enumerate(graphs):                  # stress label of structure 1 not available
@@ -89,10 +97,7 @@ def test_loss_terms_match_a_hand_computation_with_masks():
     graphs[2].forces[0, 1] = float("nan")               # one atom without a force label
     batch = batch_graphs(graphs)
     targets = batch_targets(batch)
-    gen = torch.Generator().manual_seed(0)
-    pred = {"energy": targets.energy + torch.randn(3, generator=gen, dtype=torch.float64),
-            "forces": targets.forces + torch.randn(targets.forces.shape, generator=gen, dtype=torch.float64),
-            "stress": targets.stress + 1e-3 * torch.randn(3, 3, 3, generator=gen, dtype=torch.float64)}
+    pred = _perturbed_labels(targets, seed=0)
     counts = loss_counts(targets)
     assert (counts.energy, counts.forces, counts.stress) == (3, 3 * (sum(g.num_nodes for g in graphs) - 1), 18)
     weights = {"energy": 2.0, "forces": 3.0, "stress": 5.0}
@@ -205,10 +210,7 @@ def test_loss_terms_weigh_each_structure_by_its_loss_weight():
     plain = batch_targets(batch)
     batch.loss_weight = torch.tensor(w)
     targets = batch_targets(batch)
-    gen = torch.Generator().manual_seed(1)
-    pred = {"energy": targets.energy + torch.randn(3, generator=gen, dtype=torch.float64),
-            "forces": targets.forces + torch.randn(targets.forces.shape, generator=gen, dtype=torch.float64),
-            "stress": targets.stress + 1e-3 * torch.randn(3, 3, 3, generator=gen, dtype=torch.float64)}
+    pred = _perturbed_labels(targets, seed=1)
     counts = loss_counts(targets)
     weights = {"energy": 2.0, "forces": 3.0, "stress": 5.0}
     terms = loss_terms(pred, targets, counts, weights)
@@ -248,19 +250,17 @@ def test_config_type_weights_reach_the_training_step(tmp_path):
         batch = prepare_batch(collate([trainer.train_source[i] for i in indices]), trainer.device, trainer.dtype)
         pred = trainer.model(batch, forces=True, stress=True, training=True)
         targets = batch_targets(batch)
-        by_hand = {}
-        for name, select in (("energy", lambda t: t.energy_mask), ("forces", lambda t: t.forces_mask),
-                             ("stress", lambda t: t.stress_mask)):
-            t = batch_targets(batch)
-            t.weight = None
-            diff = {"energy": (pred["energy"] - t.energy) / t.natoms, "forces": pred["forces"] - t.forces,
-                    "stress": pred["stress"] - t.stress}[name].detach().double()
-            w = torch.tensor([expected[groups[i]] for i in indices], dtype=torch.float64)
-            w = w[t.batch] if name == "forces" else w
-            sq = diff ** 2 * w.reshape(-1, *([1] * (diff.dim() - 1)))
-            by_hand[name] = float(sq.sum()) / float(getattr(loss_counts(t), name))
-        result = trainer.train_step(batch)
         assert targets.weight is not None
+        counts = loss_counts(targets)
+        w = torch.tensor([expected[groups[i]] for i in indices], dtype=torch.float64)
+        diffs = {"energy": (pred["energy"] - targets.energy) / targets.natoms,
+                 "forces": pred["forces"] - targets.forces, "stress": pred["stress"] - targets.stress}
+        by_hand = {}
+        for name, diff in diffs.items():
+            w_rows = w[targets.batch] if name == "forces" else w
+            sq = diff.detach().double() ** 2 * w_rows.reshape(-1, *([1] * (diff.dim() - 1)))
+            by_hand[name] = float(sq.sum()) / float(getattr(counts, name))
+        result = trainer.train_step(batch)
         for name in ("energy", "forces", "stress"):
             assert result[f"loss_{name}"] == pytest.approx(by_hand[name], rel=1e-5)
     finally:
