@@ -581,3 +581,17 @@ def test_helpers_moved_out_of_the_trainer_stay_importable_from_it():
         for name in names:
             assert getattr(trainer, name) is getattr(module, name), name
             assert name in trainer.__all__
+
+
+def test_training_split_is_the_data_packages_split():
+    """Scripts that rebuild a card's validation split with matkit.data.random_split_indices get the trainer's."""
+    from matkit.data import random_split_indices
+    from matkit.training.prepare import random_split
+
+    for n, fraction, seed in ((194, 0.1, 0), (228, 0.1, 0), (3, 0.01, 1), (10, 0.0, 0)):
+        train, val = random_split(n, fraction, seed)
+        expected = random_split_indices(n, fraction, seed)
+        assert train == expected[0].tolist() and val == expected[1].tolist()
+    assert len(random_split(3, 0.01, 1)[1]) == 1
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        random_split(1, 0.1, 0)

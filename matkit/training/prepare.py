@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..data.dataset import random_split_indices
 from ..models import build, get_class
 from .config import _YAML11_FLOAT, ConfigError, TrainConfig
 from .datasets import dataset_fingerprint, dataset_species, load_dataset, scan_labels, structure_groups
@@ -217,25 +218,13 @@ def check_cutoff(dataset, cutoff: float) -> None:
 
 
 def random_split(n: int, val_fraction: float, seed: int):
-    """``(train, val)`` index lists: a seeded permutation, the first ``round(val_fraction * n)`` (at least 1
-    when ``val_fraction > 0``) held out for validation. Uses :func:`matkit.data.random_split_indices` when the
-    data package is installed, so that ``matkit data`` tools and training agree on the split."""
-    try:
-        from ..data.dataset import random_split_indices
-    except ImportError:
-        random_split_indices = None
-    if random_split_indices is not None:
-        if val_fraction > 0 and n < 2:
-            raise ConfigError(f"config key 'data.val_fraction': cannot hold out a validation split from {n} "
-                              f"structure(s)")
-        train, val = random_split_indices(n, val_fraction, seed)
-        return [int(i) for i in train], [int(i) for i in val]
-    n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * n)))
-    if n_val >= n:
-        raise ConfigError(f"config key 'data.val_fraction' {val_fraction} leaves no training structures "
-                          f"out of {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    return sorted(int(i) for i in perm[n_val:]), sorted(int(i) for i in perm[:n_val])
+    """``(train, val)`` index lists of :func:`matkit.data.random_split_indices` (so that ``matkit data`` tools,
+    scripts and training agree on the split), with a config error when ``n`` is too small to hold one out."""
+    if val_fraction > 0 and n < 2:
+        raise ConfigError(f"config key 'data.val_fraction': cannot hold out a validation split from {n} "
+                          f"structure(s)")
+    train, val = random_split_indices(n, val_fraction, seed)
+    return [int(i) for i in train], [int(i) for i in val]
 
 
 def split_data(config: TrainConfig, train_full, val_full,
