@@ -2,10 +2,10 @@
 
     python potentials/publish.py NAME [--run runs/potentials/NAME]
 
-Copies the run's ``best.pt`` (EMA weights at the best validation loss; a plain matkit checkpoint, loads with
-``weights_only=True``) to ``potentials/NAME/model.pt``, evaluates it again on the held-out validation split in
-float64 (``matkit evaluate ... --split val``), times energy+forces on a typical structure, and writes
-``potentials/NAME/README.md`` (the model card) and ``val_errors.json``. The training configuration stays in
+Copies the run's ``best.pt`` (EMA weights at the lowest validation loss, or ``run.select_by`` number; a plain matkit
+checkpoint, loads with ``weights_only=True``) to ``potentials/NAME/model.pt``, evaluates it again on the held-out
+validation split in float64 (``matkit evaluate ... --split val``), times energy+forces on a typical structure, and
+writes ``potentials/NAME/README.md`` (the model card) and ``val_errors.json``. The training configuration stays in
 ``potentials/NAME/config.yaml`` (earlier stages of a multi-stage training in ``stage*.yaml``); hand-written card
 sections in ``potentials/NAME/card_extra.md`` are copied into the card before "Reproduce".
 
@@ -194,7 +194,10 @@ def main(argv=None) -> int:
                         f"elements of `{start}`, but only these are fitted to this data")
     origin = (f"fine-tuned with matkit from `{start}` on `{dataset}`" if start
               else f"trained with matkit on `{dataset}`")
-    training_row = (f"| training | best checkpoint after epoch {meta.get('epoch', 0)} (step {meta.get('step')})"
+    select_by = (meta.get("config") or {}).get("run", {}).get("select_by", "loss")
+    quantity, _, error = select_by.partition("_")
+    chosen = "" if select_by == "loss" else f" (lowest validation {quantity} {error.upper()})"
+    training_row = (f"| training | best checkpoint{chosen} after epoch {meta.get('epoch', 0)} (step {meta.get('step')})"
                     f"{stage_note}, AdamW, cosine schedule, EMA weights; float32; {hardware}. {wall} |")
     weights_row = (f"| weights | `model.pt`, a matkit checkpoint ({(folder / 'model.pt').stat().st_size / 1e6:.2f} MB; "
                    "loads with `weights_only=True`) |")

@@ -595,3 +595,35 @@ def test_training_split_is_the_data_packages_split():
     assert len(random_split(3, 0.01, 1)[1]) == 1
     with pytest.raises(ConfigError, match="data.val_fraction"):
         random_split(1, 0.1, 0)
+
+
+def test_select_by_picks_best_checkpoint_by_the_named_validation_error(tmp_path):
+    """run.select_by: best.pt is the epoch with the lowest validation energy MAE, not the lowest validation loss
+    (here the loss is forces only, so the two epochs differ)."""
+    graphs = mlearn_si_graphs(24, dtype=torch.float32)
+    config = _base(tmp_path, loss={"energy_weight": 0.0, "forces_weight": 1.0, "stress_weight": 0.0},
+                   optim={"epochs": 8, "ema_decay": 0.0}, run={"select_by": "energy_mae"})
+    trainer = Trainer(config, train_dataset=GraphListDataset(graphs))
+    summary = trainer.fit()
+    rows = [r for r in summary["history"] if r["val_loss"] is not None]
+    by_energy = min(rows, key=lambda r: r["val_energy_mae"])
+    by_loss = min(rows, key=lambda r: r["val_loss"])
+    assert by_energy["epoch"] != by_loss["epoch"]          # otherwise this test could not tell the two apart
+    payload = read_checkpoint(tmp_path / "best.pt")
+    assert payload["metadata"]["epoch"] == by_energy["epoch"]
+    assert payload["metadata"]["val_metrics"]["energy_mae"] == by_energy["val_energy_mae"]
+    assert summary["best_val_loss"] == by_energy["val_loss"]
+    assert read_checkpoint(tmp_path / "latest.pt")["training_state"]["best_score"] == by_energy["val_energy_mae"]
+
+
+def test_select_by_rejects_unknown_and_unlabelled_numbers(tmp_path):
+    with pytest.raises(ConfigError, match="run.select_by"):
+        _base(tmp_path, run={"select_by": "force_mae"})
+    graphs = mlearn_si_graphs(8, dtype=torch.float32)
+    for g in graphs:
+        del g.stress
+    config = _base(tmp_path, loss={"stress_weight": 0.0}, optim={"epochs": 1}, run={"select_by": "stress_mae"})
+    trainer = Trainer(config, train_dataset=GraphListDataset(graphs))
+    with pytest.raises(ConfigError, match="run.select_by.*stress labels"):
+        trainer.fit()
+    trainer.close()

@@ -30,6 +30,10 @@ __all__ = ["ConfigError", "ModelConfig", "DataConfig", "LossConfig", "OptimConfi
            "apply_overrides"]
 
 
+#: validation numbers ``run.select_by`` may pick the best checkpoint by
+SELECT_BY = ("loss", "energy_mae", "energy_rmse", "forces_mae", "forces_rmse", "stress_mae", "stress_rmse")
+
+
 class ConfigError(ValueError):
     """The training configuration is invalid; the message names the offending key."""
 
@@ -144,7 +148,10 @@ class RunConfig:
     on CPU). ``checkpoint_every_steps`` 0 writes ``latest.pt`` only at the end of each epoch.
     ``progress``: tqdm bars (``auto``: only on a terminal). ``keep_freed_memory``: glibc keeps freed memory for
     reuse instead of re-faulting large tensors every step (:func:`matkit.allocator.keep_freed_memory`; 1.5-1.8x
-    faster CPU steps, the process keeps its peak memory)."""
+    faster CPU steps, the process keeps its peak memory). ``select_by``: the validation number whose minimum
+    picks ``best.pt``: ``loss`` (the configured loss on the validation split), or one of ``energy_mae``,
+    ``energy_rmse``, ``forces_mae``, ``forces_rmse``, ``stress_mae``, ``stress_rmse`` (useful when the loss is
+    re-weighted or robust and its validation value no longer tracks the errors a card reports)."""
 
     out_dir: str = "runs/matkit"
     seed: int = 0
@@ -158,6 +165,7 @@ class RunConfig:
     progress: Literal["auto", "on", "off"] = "auto"
     parity_plots: bool = True
     keep_freed_memory: bool = True
+    select_by: str = "loss"
 
 
 @dataclass
@@ -212,6 +220,7 @@ class TrainConfig:
         _check(self.run.log_every >= 1, "run.log_every", "must be >= 1")
         _check(self.run.checkpoint_every_steps >= 0, "run.checkpoint_every_steps", "must be >= 0")
         _check(self.run.validate_every_epochs >= 1, "run.validate_every_epochs", "must be >= 1")
+        _check(self.run.select_by in SELECT_BY, "run.select_by", f"must be one of {', '.join(SELECT_BY)}")
         device = self.run.device
         _check(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), "run.device",
                f"must be auto, cpu, cuda or cuda:N, got {device!r}")

@@ -170,6 +170,7 @@ def training_state(trainer) -> Dict:
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "rng": rng_state(),
         "best_val_loss": trainer.best_val_loss,
+        "best_score": trainer.best_score,
         "best_val_metrics": {k: v for k, v in trainer.best_val_metrics.items() if v is not None},
         "epoch_errors": trainer.epoch_errors.sums.detach().cpu().clone(),
         "epoch_loss": trainer.epoch_loss.clone(),
@@ -200,7 +201,7 @@ def save_best(trainer, val_metrics: Dict) -> None:
                                                 val_metrics=val_metrics, ema=trainer.ema is not None,
                                                 train_indices=trainer.train_indices,
                                                 val_indices=trainer.val_indices))
-        log.info("new best validation loss %.6g: saved %s", trainer.best_val_loss, path)
+        log.info("new best validation %s %.6g: saved %s", trainer.config.run.select_by, trainer.best_score, path)
     barrier()
 
 
@@ -228,6 +229,7 @@ def load_training_state(trainer, payload: Dict, path) -> None:
                                                  state["epoch_batch_lengths"].tolist())
                                if state["has_epoch_batches"] else None)
     trainer.best_val_loss = float(state["best_val_loss"])
+    trainer.best_score = float(state.get("best_score", state["best_val_loss"]))  # runs saved before select_by
     trainer.best_val_metrics = dict(state.get("best_val_metrics") or {})
     trainer.epoch_errors.sums.copy_(state["epoch_errors"])
     trainer.epoch_loss.copy_(state["epoch_loss"])

@@ -75,8 +75,8 @@ class Trainer:
     to continue from. ``callbacks``: functions ``f(trainer)`` called after every optimiser step.
 
     Loop state (saved in ``latest.pt``): ``epoch`` (epochs finished), ``step`` (optimiser steps done),
-    ``step_in_epoch``, ``current_batches`` (the epoch's global batches, None between epochs),
-    ``best_val_loss`` / ``best_val_metrics``, ``epoch_errors`` / ``epoch_loss`` (running sums of the epoch),
+    ``step_in_epoch``, ``current_batches`` (the epoch's global batches, None between epochs), ``best_val_loss`` /
+    ``best_score`` / ``best_val_metrics``, ``epoch_errors`` / ``epoch_loss`` (running sums of the epoch),
     ``elapsed`` (seconds in optimiser steps).
     """
 
@@ -158,7 +158,8 @@ class Trainer:
         # loop state
         self.epoch, self.step, self.step_in_epoch = 0, 0, 0
         self.current_batches: Optional[List[List[int]]] = None
-        self.best_val_loss = math.inf
+        self.best_val_loss = math.inf    # the validation loss of best.pt
+        self.best_score = math.inf       # the run.select_by number of best.pt (its validation loss by default)
         self.best_val_metrics: Dict = {}
         self.epoch_errors = ErrorAccumulator(self.device)
         self.epoch_loss = torch.zeros(2, dtype=torch.float64)  # sum of step losses, number of steps
@@ -364,10 +365,7 @@ class Trainer:
         self._log_epoch(train_metrics, val_loss, val_metrics)
         if val_loss is not None:
             self.schedule.observe_validation(val_loss)
-            if val_loss < self.best_val_loss:
-                self.best_val_loss = val_loss
-                self.best_val_metrics = val_metrics
-                self.save_best(val_metrics)
+            self._keep_if_best(val_loss, val_metrics)
         self.current_batches = None
         self.step_in_epoch = 0
         self.save_latest()
@@ -376,11 +374,22 @@ class Trainer:
         """``max_steps`` reached mid-epoch: validate and save (the position in the epoch is kept)."""
         val_loss, val_metrics = self.validate()
         self._log_epoch(self._train_epoch_metrics(), val_loss, val_metrics, kind="final")
-        if val_loss is not None and val_loss < self.best_val_loss:
+        if val_loss is not None:
+            self._keep_if_best(val_loss, val_metrics)
+        self.save_latest()
+
+    def _keep_if_best(self, val_loss: float, val_metrics: Dict) -> None:
+        """Save ``best.pt`` when the ``run.select_by`` number of this validation is the lowest so far."""
+        select_by = self.config.run.select_by
+        score = val_loss if select_by == "loss" else val_metrics.get(select_by)
+        if score is None:
+            raise ConfigError(f"config key 'run.select_by': {select_by} needs {select_by.split('_')[0]} labels "
+                              f"in the validation split, which has none")
+        if score < self.best_score:
+            self.best_score = score
             self.best_val_loss = val_loss
             self.best_val_metrics = val_metrics
             self.save_best(val_metrics)
-        self.save_latest()
 
     def _train_epoch_metrics(self) -> Dict:
         sums = self.epoch_errors.sums.clone()
