@@ -260,7 +260,8 @@ def report_labels(config: TrainConfig, train_full, train_indices: Sequence[int],
                   val_indices: Sequence[int], separate_val: bool) -> None:
     """Log one line per split saying how many frames carry NaN/inf labels (ignored by the loss) or no label
     the weighted loss terms can use (dropped), with a few frame ids; refuse a training split where no frame
-    has a usable label. ``separate_val``: ``val_set`` is a validation dataset of its own."""
+    has a usable label, and a validation split without the labels ``run.select_by`` needs. ``separate_val``:
+    ``val_set`` is a validation dataset of its own."""
     weights = {"energy": config.loss.energy_weight, "forces": config.loss.forces_weight,
                "stress": config.loss.stress_weight}
     train_name = config.data.train or "the training data"
@@ -277,6 +278,12 @@ def report_labels(config: TrainConfig, train_full, train_indices: Sequence[int],
             used = [k for k, w in weights.items() if w > 0]
             raise ConfigError(f"{what}: none of the {len(indices)} frames has a usable (finite) label for the "
                               f"weighted loss terms {used}")
+        select_by = config.run.select_by
+        if what.startswith("validation") and select_by != "loss":
+            label = select_by.split("_")[0]
+            if len(scan_labels(dataset, indices, {label: 1.0}).unusable) == len(indices):
+                raise ConfigError(f"config key 'run.select_by': {select_by} needs {label} labels, and none of "
+                                  f"the {len(indices)} frames of the {what} has one")
 
 
 def structure_loss_weights(config: TrainConfig, train_full, train_indices: Sequence[int]) -> Optional[np.ndarray]:

@@ -381,10 +381,7 @@ class Trainer:
     def _keep_if_best(self, val_loss: float, val_metrics: Dict) -> None:
         """Save ``best.pt`` when the ``run.select_by`` number of this validation is the lowest so far."""
         select_by = self.config.run.select_by
-        score = val_loss if select_by == "loss" else val_metrics.get(select_by)
-        if score is None:
-            raise ConfigError(f"config key 'run.select_by': {select_by} needs {select_by.split('_')[0]} labels "
-                              f"in the validation split, which has none")
+        score = val_loss if select_by == "loss" else val_metrics[select_by]  # labels checked by report_labels
         if score < self.best_score:
             self.best_score = score
             self.best_val_loss = val_loss
