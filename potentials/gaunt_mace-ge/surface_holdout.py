@@ -6,7 +6,16 @@ so validation errors say nothing about surface energies. This writes three files
 
 * ``ge_train_no4.h5``: the usual training split without 4 of its 11 surfaces (every second, from the first);
 * ``ge_val.h5``: the usual validation split;
-* ``ge_surfaces_held4.h5``: the 4 held-out surfaces.
+* ``ge_surfaces_held4.h5``: the 4 held-out surfaces;
+* ``ge_train_no4_isolated.h5``: ``ge_train_no4.h5`` plus one lone Ge atom at ``ISOLATED_GE`` eV (zero force);
+* ``ge_train_no4_shifted.h5`` and ``ge_surfaces_held4_shifted.h5``: the same with every surface slab's energy raised
+  by ``SURFACE_SHIFT`` eV per atom.
+
+``ISOLATED_GE``: MatPES PBE's isolated-atom energy of Ge (-0.779 eV, the Ge reference energy of
+``tensornet-matpes-pbe``) plus the median per-atom offset of mlearn's Ge bulk structures (all but the slabs) from
+``tensornet-matpes-pbe`` (-0.045 eV). ``SURFACE_SHIFT``: the slabs' median offset from that model (-0.161 eV/atom)
+minus the bulk's; see tensornet-ge's card ("Unseen surfaces: depth, an isolated atom, and the energy scale of the Ge
+slabs").
 
 Then train on them, from the repository root (CPU, one thread, ~35 min each; the training configurations are the
 potentials' own, pointed at these files by overrides)::
@@ -20,18 +29,48 @@ potentials' own, pointed at these files by overrides)::
     # TensorNet: tensornet-ge's recipe from scratch, and the universal potential fine-tuned (examples/finetune/ge.yaml)
     matkit train potentials/tensornet-ge/config.yaml $DATA run.out_dir=runs/surface_holdout/tensornet_scratch
     matkit train examples/finetune/ge.yaml $DATA run.out_dir=runs/surface_holdout/tensornet_finetuned
+    # TensorNet with one interaction layer; with the lone atom; with the slabs' energies shifted
+    matkit train potentials/tensornet-ge/config.yaml $DATA model.hparams.num_layers=1 run.out_dir=runs/surface_holdout/tn_1layer
+    matkit train potentials/tensornet-ge/config.yaml data.train=runs/surface_holdout/ge_train_no4_isolated.h5 \
+        data.val=runs/surface_holdout/ge_val.h5 run.out_dir=runs/surface_holdout/tn_isolated
+    matkit train potentials/tensornet-ge/config.yaml data.train=runs/surface_holdout/ge_train_no4_shifted.h5 \
+        data.val=runs/surface_holdout/ge_val.h5 run.out_dir=runs/surface_holdout/tn_shifted
+    # Gaunt MACE with one interaction; with the slabs' energies shifted
+    matkit train potentials/gaunt_mace-ge/stage1.yaml $DATA optim.epochs=250 model.hparams.num_interactions=1 \
+        run.out_dir=runs/surface_holdout/gm_1int
+    matkit train potentials/gaunt_mace-ge/stage1.yaml data.train=runs/surface_holdout/ge_train_no4_shifted.h5 \
+        data.val=runs/surface_holdout/ge_val.h5 optim.epochs=250 run.out_dir=runs/surface_holdout/gm_shifted
     matkit evaluate runs/surface_holdout/unweighted/best.pt runs/surface_holdout/ge_surfaces_held4.h5 --dtype float64
+    # (the shifted runs against ge_surfaces_held4_shifted.h5)
 
 The results are in the cards of gaunt_mace-ge ("Surfaces it has not seen") and tensornet-ge ("Surfaces it has not
 seen, from scratch and fine-tuned").
 """
 import argparse
+import dataclasses
 from pathlib import Path
+
+import numpy as np
 
 from matkit.data.dataset import random_split_indices
 from matkit.data.hdf5 import FrameFile, HDF5Writer
+from matkit.data.schema import Frame
 
 DATA = "datasets/mlearn_ge.h5"
+ISOLATED_GE = -0.824    # eV, a lone Ge atom on mlearn's energy scale (estimate, see above)
+SURFACE_SHIFT = 0.116   # eV/atom added to every slab's energy in the *_shifted files
+
+
+def lone_atom(energy: float) -> Frame:
+    return Frame(positions=np.zeros((1, 3)), atomic_numbers=np.array([32]), cell=np.zeros((3, 3)),
+                 pbc=np.zeros(3, bool), energy=energy, forces=np.zeros((1, 3)), id="isolated-Ge", group="Isolated",
+                 source="lone Ge atom, estimated energy (surface_holdout.py)")
+
+
+def shifted(frame: Frame) -> Frame:
+    if frame.group != "Surface":
+        return frame
+    return dataclasses.replace(frame, energy=frame.energy + SURFACE_SHIFT * frame.n_atoms)
 
 
 def main() -> None:
@@ -45,14 +84,20 @@ def main() -> None:
     held = surfaces[::2][:4]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"ge_train_no4.h5": [i for i in train if i not in held], "ge_val.h5": list(val),
-             "ge_surfaces_held4.h5": held}
-    for name, indices in files.items():
-        with HDF5Writer(out / name, license="BSD-3-Clause",
-                        provenance={"input": DATA, "frames": [int(i) for i in indices]}) as writer:
+    rest = [i for i in train if i not in held]
+    files = {"ge_train_no4.h5": (rest, [], None), "ge_val.h5": (list(val), [], None),
+             "ge_surfaces_held4.h5": (held, [], None),
+             "ge_train_no4_isolated.h5": (rest, [lone_atom(ISOLATED_GE)], None),
+             "ge_train_no4_shifted.h5": (rest, [], shifted), "ge_surfaces_held4_shifted.h5": (held, [], shifted)}
+    for name, (indices, extra, change) in files.items():
+        provenance = {"input": DATA, "frames": [int(i) for i in indices], "lone_atom_eV": ISOLATED_GE if extra else None,
+                      "surface_shift_eV_per_atom": SURFACE_SHIFT if change else None}
+        with HDF5Writer(out / name, license="BSD-3-Clause", provenance=provenance) as writer:
             for i in indices:
-                writer.add(frames[i])
-        print(f"{out / name}: {len(indices)} structures")
+                writer.add(change(frames[i]) if change else frames[i])
+            for frame in extra:
+                writer.add(frame)
+        print(f"{out / name}: {len(indices) + len(extra)} structures")
     print("held out:", ", ".join(frames[i].source for i in held))
 
 
