@@ -1,7 +1,7 @@
 """Surfaces the model has not seen: hold 4 of the 11 training surface slabs of mlearn Ge out of training.
 
 The validation split of ``datasets/mlearn_ge.h5`` (10 %, seed 0, the split every Ge card uses) holds no surface slab,
-so validation errors say nothing about surface energies. This writes three files into OUT (default
+so validation errors say nothing about surface energies. This writes six files into OUT (default
 ``runs/surface_holdout``):
 
 * ``ge_train_no4.h5``: the usual training split without 4 of its 11 surfaces (every second, from the first);
@@ -30,7 +30,8 @@ potentials' own, pointed at these files by overrides)::
     matkit train potentials/tensornet-ge/config.yaml $DATA run.out_dir=runs/surface_holdout/tensornet_scratch
     matkit train examples/finetune/ge.yaml $DATA run.out_dir=runs/surface_holdout/tensornet_finetuned
     # TensorNet with one interaction layer; with the lone atom; with the slabs' energies shifted
-    matkit train potentials/tensornet-ge/config.yaml $DATA model.hparams.num_layers=1 run.out_dir=runs/surface_holdout/tn_1layer
+    matkit train potentials/tensornet-ge/config.yaml $DATA model.hparams.num_layers=1 \
+        run.out_dir=runs/surface_holdout/tn_1layer
     matkit train potentials/tensornet-ge/config.yaml data.train=runs/surface_holdout/ge_train_no4_isolated.h5 \
         data.val=runs/surface_holdout/ge_val.h5 run.out_dir=runs/surface_holdout/tn_isolated
     matkit train potentials/tensornet-ge/config.yaml data.train=runs/surface_holdout/ge_train_no4_shifted.h5 \
@@ -43,8 +44,9 @@ potentials' own, pointed at these files by overrides)::
     matkit evaluate runs/surface_holdout/unweighted/best.pt runs/surface_holdout/ge_surfaces_held4.h5 --dtype float64
     # (the shifted runs against ge_surfaces_held4_shifted.h5)
 
-The results are in the cards of gaunt_mace-ge ("Surfaces it has not seen") and tensornet-ge ("Surfaces it has not
-seen, from scratch and fine-tuned").
+The results are in the cards of gaunt_mace-ge ("Surfaces it has not seen"; "More channels, higher hidden L, one
+interaction, and the slabs' energy scale") and tensornet-ge ("Surfaces it has not seen, from scratch and fine-tuned";
+"Unseen surfaces: depth, an isolated atom, and the energy scale of the Ge slabs").
 """
 import argparse
 import dataclasses
@@ -90,7 +92,8 @@ def main() -> None:
              "ge_train_no4_isolated.h5": (rest, [lone_atom(ISOLATED_GE)], None),
              "ge_train_no4_shifted.h5": (rest, [], shifted), "ge_surfaces_held4_shifted.h5": (held, [], shifted)}
     for name, (indices, extra, change) in files.items():
-        provenance = {"input": DATA, "frames": [int(i) for i in indices], "lone_atom_eV": ISOLATED_GE if extra else None,
+        provenance = {"input": DATA, "frames": [int(i) for i in indices],
+                      "lone_atom_eV": ISOLATED_GE if extra else None,
                       "surface_shift_eV_per_atom": SURFACE_SHIFT if change else None}
         with HDF5Writer(out / name, license="BSD-3-Clause", provenance=provenance) as writer:
             for i in indices:
