@@ -175,12 +175,15 @@ LABELS = ("energy", "forces", "stress")
 class LabelScan:
     """Labels of ``indices`` of a dataset that the loss cannot use. ``non_finite[label]``: frames whose label is
     marked present but holds NaN/inf (the loss ignores it; for forces, the affected atoms). ``unusable``: frames
-    without a usable label for any positively weighted loss term (they contribute nothing: dropped)."""
+    without a usable label for any positively weighted loss term (they contribute nothing: dropped).
+    ``labelled[label]``: how many frames hold a usable value of that label, weighted or not (``run.select_by`` needs
+    one in the validation split)."""
 
     frames: int
     weighted: List[str]
     non_finite: Dict[str, List[int]] = field(default_factory=dict)
     unusable: List[int] = field(default_factory=list)
+    labelled: Dict[str, int] = field(default_factory=dict)
 
     def summary(self, dataset=None, examples: int = 4) -> Optional[str]:
         """One line with the counts and a few frame indices (and ids, when the dataset has them); None when every
@@ -229,7 +232,7 @@ def scan_labels(dataset, indices: Sequence[int], weights: Dict[str, float]) -> L
     """Find the frames of ``dataset[indices]`` whose labels the loss ignores (see :class:`LabelScan`); ``weights``
     are the loss weights by label. Reported indices are dataset indices."""
     weighted = [label for label in LABELS if weights.get(label, 0.0) > 0]
-    scan = LabelScan(len(indices), weighted, {label: [] for label in LABELS})
+    scan = LabelScan(len(indices), weighted, {label: [] for label in LABELS}, labelled={label: 0 for label in LABELS})
     for i in indices:
         usable = False
         for label, values in _label_arrays(dataset, i).items():
@@ -241,6 +244,7 @@ def scan_labels(dataset, indices: Sequence[int], weights: Dict[str, float]) -> L
             # the loss keeps the finite force rows of a frame; energy and stress must be finite as a whole
             ok = finite.reshape(len(values), -1).all(axis=1).any() if label == "forces" and values.ndim == 2 \
                 else bool(finite.all())
+            scan.labelled[label] += int(ok)
             usable = usable or (ok and label in weighted)
         if not usable:
             scan.unusable.append(int(i))

@@ -281,7 +281,7 @@ def report_labels(config: TrainConfig, train_full, train_indices: Sequence[int],
         select_by = config.run.select_by
         if what.startswith("validation") and select_by != "loss":
             label = select_by.split("_")[0]
-            if len(scan_labels(dataset, indices, {label: 1.0}).unusable) == len(indices):
+            if scan.labelled[label] == 0:
                 raise ConfigError(f"config key 'run.select_by': {select_by} needs {label} labels, and none of "
                                   f"the {len(indices)} frames of the {what} has one")
 
