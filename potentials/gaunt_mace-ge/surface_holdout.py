@@ -75,32 +75,34 @@ def shifted(frame: Frame) -> Frame:
     return dataclasses.replace(frame, energy=frame.energy + SURFACE_SHIFT * frame.n_atoms)
 
 
+def write(path: Path, frames: list, provenance: dict) -> None:
+    with HDF5Writer(path, license="BSD-3-Clause", provenance={"input": DATA, **provenance}) as writer:
+        for frame in frames:
+            writer.add(frame)
+    print(f"{path}: {len(frames)} structures")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/surface_holdout", help="output folder (default: %(default)s)")
     args = parser.parse_args()
 
-    frames = FrameFile(DATA)
-    train, val = random_split_indices(len(frames), 0.1, seed=0)      # the trainer's split for val_fraction 0.1, seed 0
-    surfaces = [i for i in train if frames[i].group == "Surface"]
-    held = surfaces[::2][:4]
+    data = FrameFile(DATA)
+    train, val = random_split_indices(len(data), 0.1, seed=0)        # the trainer's split for val_fraction 0.1, seed 0
+    frames = {int(i): data[i] for i in (*train, *val)}               # each frame read once
+    held = [int(i) for i in train if frames[int(i)].group == "Surface"][::2][:4]
+    rest = [int(i) for i in train if i not in held]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rest = [i for i in train if i not in held]
-    files = {"ge_train_no4.h5": (rest, [], None), "ge_val.h5": (list(val), [], None),
-             "ge_surfaces_held4.h5": (held, [], None),
-             "ge_train_no4_isolated.h5": (rest, [lone_atom(ISOLATED_GE)], None),
-             "ge_train_no4_shifted.h5": (rest, [], shifted), "ge_surfaces_held4_shifted.h5": (held, [], shifted)}
-    for name, (indices, extra, change) in files.items():
-        provenance = {"input": DATA, "frames": [int(i) for i in indices],
-                      "lone_atom_eV": ISOLATED_GE if extra else None,
-                      "surface_shift_eV_per_atom": SURFACE_SHIFT if change else None}
-        with HDF5Writer(out / name, license="BSD-3-Clause", provenance=provenance) as writer:
-            for i in indices:
-                writer.add(change(frames[i]) if change else frames[i])
-            for frame in extra:
-                writer.add(frame)
-        print(f"{out / name}: {len(indices) + len(extra)} structures")
+    write(out / "ge_train_no4.h5", [frames[i] for i in rest], {"frames": rest})
+    write(out / "ge_val.h5", [frames[int(i)] for i in val], {"frames": [int(i) for i in val]})
+    write(out / "ge_surfaces_held4.h5", [frames[i] for i in held], {"frames": held})
+    write(out / "ge_train_no4_isolated.h5", [frames[i] for i in rest] + [lone_atom(ISOLATED_GE)],
+          {"frames": rest, "lone_atom_eV": ISOLATED_GE})
+    write(out / "ge_train_no4_shifted.h5", [shifted(frames[i]) for i in rest],
+          {"frames": rest, "surface_shift_eV_per_atom": SURFACE_SHIFT})
+    write(out / "ge_surfaces_held4_shifted.h5", [shifted(frames[i]) for i in held],
+          {"frames": held, "surface_shift_eV_per_atom": SURFACE_SHIFT})
     print("held out:", ", ".join(frames[i].source for i in held))
 
 
