@@ -266,20 +266,20 @@ def report_labels(config: TrainConfig, train_full, train_indices: Sequence[int],
                "stress": config.loss.stress_weight}
     train_name = config.data.train or "the training data"
     val_name = (config.data.val or "the validation data") if separate_val else train_name
-    for what, dataset, indices in ((f"training split of {train_name}", train_full, train_indices),
-                                   (f"validation split of {val_name}", val_set, val_indices)):
+    for is_val, what, dataset, indices in ((False, f"training split of {train_name}", train_full, train_indices),
+                                           (True, f"validation split of {val_name}", val_set, val_indices)):
         if not indices:
             continue
         scan = scan_labels(dataset, indices, weights)
         line = scan.summary(dataset)
         if line:
             log.warning("%s: %s", what, line)
-        if what.startswith("training") and len(scan.unusable) == len(indices):
+        if not is_val and len(scan.unusable) == len(indices):
             used = [k for k, w in weights.items() if w > 0]
             raise ConfigError(f"{what}: none of the {len(indices)} frames has a usable (finite) label for the "
                               f"weighted loss terms {used}")
         select_by = config.run.select_by
-        if what.startswith("validation") and select_by != "loss":
+        if is_val and select_by != "loss":
             label = select_by.split("_")[0]
             if scan.labelled[label] == 0:
                 raise ConfigError(f"config key 'run.select_by': {select_by} needs {label} labels, and none of "
