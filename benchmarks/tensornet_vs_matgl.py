@@ -9,11 +9,12 @@
    float64, and the largest differences per structure: energy per atom (eV/atom), forces (eV/Å, per component),
    stress (eV/Å^3, per Voigt component).
 
-Structures (31): 24 MP-20 crystals from ``datasets/mp20_val.h5`` (1-20 atoms, picked greedily to cover as many
+Structures (33): 24 MP-20 crystals from ``datasets/mp20_val.h5`` (1-20 atoms, picked greedily to cover as many
 elements as possible, each rattled by 0.03 Å so that forces are not zero by symmetry), diamond Si64 rattled by
 0.1 Å, a Cu(111) slab with vacuum, a rock-salt NaCl 2x2x2 supercell with a Na vacancy, SrTiO3 under a 5 %
-triclinic strain, bcc Fe compressed to 80 % volume, an MgO(001) slab and an ethanol molecule in a 12 Å box (all
-periodic in three directions: matgl treats any non-periodic direction as a molecule without a cell).
+triclinic strain, bcc Fe compressed to 80 % volume, an MgO(001) slab, an ethanol molecule in a 12 Å box, a lone Ge
+atom in a 20 Å box (no edges at all) and a Li atom 15 Å from an H2 molecule (a node without edges in a graph with
+edges) (all periodic in three directions: matgl treats any non-periodic direction as a molecule without a cell).
 
 As an independent check of which convention is right (see :mod:`matkit.convert.matgl` on matgl's
 ``@model_version``), both sides' PBE force MAE against the DFT forces of the 21 MPtrj frames in
@@ -52,6 +53,7 @@ def default_matgl_dir() -> Path:
 def structures(supported) -> list:
     """[(name, numbers, positions, cell, pbc)] as plain lists (see the module docstring)."""
     import numpy as np
+    from ase import Atoms
     from ase.build import bulk, fcc111, molecule, surface
 
     from matkit.data.hdf5 import FrameFile
@@ -95,6 +97,10 @@ def structures(supported) -> list:
     ethanol.center()
     ethanol.pbc = True
     out.append(("ethanol-in-box", ethanol))
+    # atoms with no neighbour within the cutoff: a graph without edges, and one such atom beside a bonded pair
+    out.append(("Ge-atom-in-box", Atoms("Ge", positions=[[0.0, 0.0, 0.0]], cell=[20.0, 20.0, 20.0], pbc=True)))
+    out.append(("Li-atom-beside-H2", Atoms("LiH2", positions=[[2.0, 2.0, 2.0], [11.0, 11.0, 11.0], [11.74, 11.0, 11.0]],
+                                           cell=[20.0, 20.0, 20.0], pbc=True)))
     return [(name, a.numbers.tolist(), a.positions.tolist(), a.cell.array.tolist(), a.pbc.tolist())
             for name, a in out]
 

@@ -4,7 +4,7 @@ References are matgl's own outputs, stored as fixtures (written by ``benchmarks/
 and ``tests/fixtures/matgl/make_tiny_models.py`` in matgl's venvs), so CI checks parity without matgl:
 
 * ``matpes_reference.npz``: matgl 2.0.6 (the release whose TensorNet convention the MatPES v2025.1 weights were
-  trained with) on 31 structures, both potentials, float32 and float64;
+  trained with) on 33 structures, both potentials, float32 and float64;
 * ``tiny_v1/``, ``tiny_v2/``: small random matgl potentials saved by matgl 2.0.6 (TensorNet ``@model_version`` 1)
   and matgl 4.1.2 (version 2), with matgl's float64 energies, forces and stresses.
 """
@@ -43,13 +43,15 @@ def _atoms(ref, name, pbc=True):
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 @pytest.mark.parametrize("name", POTENTIALS)
 def test_bundled_potential_matches_matgl(name, precision):
-    """From the bundled name, offline: energies, forces and stresses of 31 structures (24 MP-20 crystals, a
-    slab, a vacancy supercell, a strained cell, a compressed metal, a molecule in a box, Si64) as matgl gives."""
+    """From the bundled name, offline: energies, forces and stresses of 33 structures (24 MP-20 crystals, a
+    slab, a vacancy supercell, a strained cell, a compressed metal, a molecule in a box, Si64, a lone atom in a box
+    and a lone atom beside H2: nodes without edges) as matgl gives."""
     ref = _reference()
     assert str(ref["matgl_version"]) == "2.0.6"
     calc = MatkitCalculator.from_pretrained(name, dtype=precision)
     tol_e, tol_f, tol_s = TOLERANCES[precision]
     names = [str(s) for s in ref["structure_names"]]
+    assert {"Ge-atom-in-box", "Li-atom-beside-H2"} <= set(names)
     assert len(names) >= 30 and len({z for s in names for z in ref[f"{s}/numbers"]}) >= 50
     for structure in names:
         atoms = _atoms(ref, structure, pbc=ref[f"{structure}/pbc"])
