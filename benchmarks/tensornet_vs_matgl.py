@@ -13,8 +13,9 @@ Structures (33): 24 MP-20 crystals from ``datasets/mp20_val.h5`` (1-20 atoms, pi
 elements as possible, each rattled by 0.03 Å so that forces are not zero by symmetry), diamond Si64 rattled by
 0.1 Å, a Cu(111) slab with vacuum, a rock-salt NaCl 2x2x2 supercell with a Na vacancy, SrTiO3 under a 5 %
 triclinic strain, bcc Fe compressed to 80 % volume, an MgO(001) slab, an ethanol molecule in a 12 Å box, a lone Ge
-atom in a 20 Å box (no edges at all) and a Li atom 15 Å from an H2 molecule (a node without edges in a graph with
-edges) (all periodic in three directions: matgl treats any non-periodic direction as a molecule without a cell).
+atom in a 20 Å box (a graph without edges) and a Li atom 15 Å from an H2 molecule (a node without edges in a graph
+with edges). All are periodic in three directions: matgl treats any non-periodic direction as a molecule without a
+cell.
 
 As an independent check of which convention is right (see :mod:`matkit.convert.matgl` on matgl's
 ``@model_version``), both sides' PBE force MAE against the DFT forces of the 21 MPtrj frames in
