@@ -88,14 +88,15 @@ def main() -> None:
     args = parser.parse_args()
 
     data = FrameFile(DATA)
-    train, val = random_split_indices(len(data), 0.1, seed=0)        # the trainer's split for val_fraction 0.1, seed 0
-    frames = {int(i): data[i] for i in (*train, *val)}               # each frame read once
-    held = [int(i) for i in train if frames[int(i)].group == "Surface"][::2][:4]
-    rest = [int(i) for i in train if i not in held]
+    # the trainer's split for val_fraction 0.1, seed 0, as plain ints
+    train, val = ([int(i) for i in split] for split in random_split_indices(len(data), 0.1, seed=0))
+    frames = {i: data[i] for i in (*train, *val)}                    # each frame read once
+    held = [i for i in train if frames[i].group == "Surface"][::2][:4]
+    rest = [i for i in train if i not in held]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write(out / "ge_train_no4.h5", [frames[i] for i in rest], {"frames": rest})
-    write(out / "ge_val.h5", [frames[int(i)] for i in val], {"frames": [int(i) for i in val]})
+    write(out / "ge_val.h5", [frames[i] for i in val], {"frames": val})
     write(out / "ge_surfaces_held4.h5", [frames[i] for i in held], {"frames": held})
     write(out / "ge_train_no4_isolated.h5", [frames[i] for i in rest] + [lone_atom(ISOLATED_GE)],
           {"frames": rest, "lone_atom_eV": ISOLATED_GE})
