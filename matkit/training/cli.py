@@ -5,6 +5,7 @@
     matkit train config.yaml [optim.lr=1e-3 run.out_dir=runs/x ...] [--resume [latest.pt]]
     torchrun --nproc_per_node=4 $(which matkit) train config.yaml      # data-parallel (also srun)
     matkit evaluate runs/x/best.pt datasets/si.h5 [--json errors.json] [--split val] [--per-element] [--per-group]
+                    [--bootstrap 2000]
 
 Errors are one line naming the key or file (:func:`matkit.cli.main`; ``--debug`` shows the traceback).
 """
@@ -47,6 +48,10 @@ def register(subparsers) -> None:
     evaluate.add_argument("--per-group", action="store_true",
                           help="also print (and with --json write) the energy and force errors split by "
                                "configuration type (frames/groups of a matkit HDF5 file, config_type of extxyz)")
+    evaluate.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                          help="also print (and with --json write) 95 %% intervals of the energy and force MAE and "
+                               "RMSE from N resamplings of the evaluated structures (e.g. 2000): how far a small "
+                               "validation split's errors could move with another draw of structures")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -79,13 +84,17 @@ def run_evaluate(args) -> int:
 
     from ..checkpoint import CheckpointError, load_checkpoint
     from .datasets import load_dataset, structure_groups
-    from .evaluate import (errors_by_group, evaluate_model, force_errors_by_element, format_element_table,
-                           format_group_table, format_metrics_table, metrics_json)
+    from .evaluate import (bootstrap_intervals, errors_by_group, evaluate_model, force_errors_by_element,
+                           format_element_table, format_group_table, format_interval_table, format_metrics_table,
+                           metrics_json)
 
     try:
         model, payload = load_checkpoint(args.checkpoint, return_payload=True)
     except CheckpointError as err:
         print(f"matkit evaluate: {err}", file=sys.stderr)
+        return 2
+    if args.bootstrap < 0:
+        print(f"matkit evaluate: --bootstrap must be >= 0, got {args.bootstrap}", file=sys.stderr)
         return 2
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(args.dtype) if args.dtype else None
     if dtype is not None:
@@ -119,9 +128,9 @@ def run_evaluate(args) -> int:
         from tqdm.auto import tqdm
 
         progress = lambda it: tqdm(it, desc="evaluate")  # noqa: E731
+    collect = bool(args.plots or args.per_element or args.per_group or args.bootstrap)
     result = evaluate_model(model, dataset, batch_size=args.batch_size, device=args.device, dtype=dtype,
-                            indices=indices, collect=bool(args.plots or args.per_element or args.per_group),
-                            progress=progress)
+                            indices=indices, collect=collect, progress=progress)
     n = len(dataset) if indices is None else len(indices)
     metrics = result.metrics()
     print(f"{payload['model']} checkpoint {args.checkpoint} on {args.dataset} ({args.split}):")
@@ -133,6 +142,10 @@ def run_evaluate(args) -> int:
     if groups is not None:
         extra["by_group"] = errors_by_group(result.predictions.arrays(), groups)
         print(format_group_table(extra["by_group"]))
+    if args.bootstrap:
+        intervals = bootstrap_intervals(result.predictions.arrays(), resamples=args.bootstrap)
+        extra["bootstrap"] = {"resamples": args.bootstrap, "level": 0.95, "seed": 0, **intervals}
+        print(format_interval_table(intervals, args.bootstrap, n))
     if args.json:
         Path(args.json).write_text(metrics_json(metrics, checkpoint=str(args.checkpoint), dataset=str(args.dataset),
                                                 split=args.split, structures=n, **extra) + "\n")
