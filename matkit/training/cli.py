@@ -88,13 +88,13 @@ def run_evaluate(args) -> int:
                            format_element_table, format_group_table, format_interval_table, format_metrics_table,
                            metrics_json)
 
+    if args.bootstrap < 0:
+        print(f"matkit evaluate: --bootstrap must be >= 0, got {args.bootstrap}", file=sys.stderr)
+        return 2
     try:
         model, payload = load_checkpoint(args.checkpoint, return_payload=True)
     except CheckpointError as err:
         print(f"matkit evaluate: {err}", file=sys.stderr)
-        return 2
-    if args.bootstrap < 0:
-        print(f"matkit evaluate: --bootstrap must be >= 0, got {args.bootstrap}", file=sys.stderr)
         return 2
     dtype = {"float32": torch.float32, "float64": torch.float64}.get(args.dtype) if args.dtype else None
     if dtype is not None:
