@@ -533,7 +533,7 @@ def test_bootstrap_intervals_match_scipy():
     """The percentile intervals of :func:`bootstrap_intervals` against ``scipy.stats.bootstrap`` resampling the
     same structures (energy MAE: a mean over structures; force MAE / RMSE: ratios of per-structure sums, structures
     of 2-40 atoms); the draws differ, so the endpoints agree to the Monte-Carlo error (20000 resamples: ~0.5 % of
-    the width). A structure without labels of one kind leaves that kind's errors alone; no labels, no interval."""
+    the width). Constant errors give a point; a kind without labels gets no interval."""
     from scipy.stats import bootstrap
 
     rng = np.random.default_rng(7)
@@ -565,7 +565,7 @@ def test_bootstrap_intervals_match_scipy():
     assert got["forces_mae"][1] - got["forces_mae"][0] > 2 * 3.92 * np.abs(arrays["forces_pred"]).std() / np.sqrt(
         count.sum())
 
-    # constant errors: the interval is the point; a structure with forces but no energy changes no energy interval
+    # constant errors: the interval is the point, also where some structures lack one kind of label
     const = {"energy_pred": np.full(3, 0.004), "energy_ref": np.zeros(3), "energy_structure": np.array([0, 2, 3]),
              "forces_pred": np.full(12, -0.05), "forces_ref": np.zeros(12), "forces_structure": np.repeat([0, 1], 6)}
     for key, (low, high) in bootstrap_intervals(const, resamples=200).items():
