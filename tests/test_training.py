@@ -464,19 +464,21 @@ def test_cli_evaluate_per_group_errors(tmp_path, capsys):
     model = ROOT / "potentials/tensornet-li/model.pt"
     data = ROOT / "datasets/mlearn_li.h5"
     out_json = tmp_path / "errors.json"
+    other = ROOT / "potentials/gaunt_mace-li/model.pt"
     assert matkit_main(["evaluate", str(model), str(data), "--split", "val", "--dtype", "float64", "--per-group",
-                        "--bootstrap", "500", "--json", str(out_json), "--no-progress"]) == 0
+                        "--bootstrap", "500", "--baseline", str(other), "--json", str(out_json), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "AIMD-NVT" in out and "95 % intervals from 500 resamplings" in out
     report = json.loads(out_json.read_text())
     val = [int(i) for i in read_checkpoint(model)["metadata"]["val_indices"]]
     calc = MatkitCalculator(model, dtype="float64", skin=0.0)
+    other_calc = MatkitCalculator(other, dtype="float64", skin=0.0)
     with h5py.File(data) as h5:
         group = h5["frames/groups"].asstr()[:]
         offsets, n_atoms = h5["frames/offsets"][:], h5["frames/n_atoms"][:]
         numbers, positions, forces = (h5[f"atoms/{k}"][:] for k in ("atomic_numbers", "positions", "forces"))
         cells, energies = h5["frames/cell"][:], h5["frames/energy"][:]
-    expected, in_order = {}, {"e": [], "f": []}
+    expected, in_order, other_order = {}, {"e": [], "f": []}, {"e": [], "f": []}
     for i in val:
         atoms = Atoms(numbers=numbers[offsets[i]:offsets[i] + n_atoms[i]],
                       positions=positions[offsets[i]:offsets[i] + n_atoms[i]], cell=cells[i], pbc=True)
@@ -485,6 +487,9 @@ def test_cli_evaluate_per_group_errors(tmp_path, capsys):
         for r in (rows, in_order):
             r["e"].append((atoms.get_potential_energy() - energies[i]) / len(atoms))
             r["f"].append((atoms.get_forces() - forces[offsets[i]:offsets[i] + n_atoms[i]]).ravel())
+        atoms.calc = other_calc
+        other_order["e"].append((atoms.get_potential_energy() - energies[i]) / len(atoms))
+        other_order["f"].append((atoms.get_forces() - forces[offsets[i]:offsets[i] + n_atoms[i]]).ravel())
     assert len(expected) > 1 and sorted(report["by_group"]) == sorted(expected)
     for name, rows in expected.items():
         got, de, df = report["by_group"][name], np.array(rows["e"]), np.concatenate(rows["f"])
@@ -494,16 +499,27 @@ def test_cli_evaluate_per_group_errors(tmp_path, capsys):
         assert got["forces_mae"] == pytest.approx(np.abs(df).mean(), rel=1e-6)
         assert got["forces_rmse"] == pytest.approx(np.sqrt((df ** 2).mean()), rel=1e-6)
     # --bootstrap: the intervals of the calculator's errors, structure by structure in split order (same seed, so
-    # the same draws), and each holds the split's own error
+    # the same draws), and each holds the split's own error; --baseline: gaunt_mace-li on the same structures
     structure = np.arange(len(val))
-    arrays = {"energy_pred": np.array(in_order["e"]), "energy_ref": np.zeros(len(val)), "energy_structure": structure,
-              "forces_pred": np.concatenate(in_order["f"]), "forces_ref": np.zeros(sum(f.size for f in in_order["f"])),
-              "forces_structure": np.repeat(structure, [f.size for f in in_order["f"]])}
-    reference = bootstrap_intervals(arrays, resamples=500)
+
+    def as_arrays(errors):
+        sizes = [f.size for f in errors["f"]]
+        return {"energy_pred": np.array(errors["e"]), "energy_ref": np.zeros(len(val)), "energy_structure": structure,
+                "forces_pred": np.concatenate(errors["f"]), "forces_ref": np.zeros(sum(sizes)),
+                "forces_structure": np.repeat(structure, sizes)}
+
+    reference = bootstrap_intervals(as_arrays(in_order), resamples=500, baseline=as_arrays(other_order))
     assert report["bootstrap"]["resamples"] == 500 and report["bootstrap"]["level"] == 0.95
+    assert sorted(report["bootstrap"]) == sorted([*reference, "resamples", "level", "seed"])
     for key, (low, high) in reference.items():
-        assert report["bootstrap"][key] == pytest.approx([low, high], rel=1e-6)
-        assert low < report["metrics"][key] < high
+        assert report["bootstrap"][key] == pytest.approx([low, high], rel=1e-6, abs=1e-9), key
+        if key.endswith("_difference"):   # the split's own difference of the two potentials' errors
+            name = key.removesuffix("_difference")
+            assert low < report["metrics"][name] - report["baseline"]["metrics"][name] < high
+        else:
+            assert low < report["metrics"][key] < high
+    assert report["baseline"]["metrics"]["forces_mae"] == pytest.approx(np.abs(np.concatenate(other_order["f"])).mean(),
+                                                                        rel=1e-6)
 
     # extxyz: config_type in atoms.info; a structure without one is the group ''
     frames = [Atoms("Li2", positions=[[0, 0, 0], [1.4, 1.5, 1.6]], cell=np.eye(3) * 3.45, pbc=True)
@@ -561,6 +577,29 @@ def test_bootstrap_intervals_match_scipy():
     for key, result in ref.items():
         low, high = result.confidence_interval
         assert got[key] == pytest.approx([low, high], abs=0.03 * (high - low)), key
+    # paired: a second model erring on the same structures (its errors = these + independent noise); scipy's paired
+    # bootstrap of the difference of the two statistics
+    e_b = e_err + rng.normal(0, 0.001, n)
+    f_b = [f + rng.normal(0, 0.01, f.size) for f in f_err]
+    other = dict(arrays, energy_pred=e_b, forces_pred=np.concatenate(f_b))
+    paired = bootstrap_intervals(arrays, resamples=20000, seed=1, baseline=other)
+    assert {k: paired[k] for k in got} == got   # the same draws: the unpaired intervals are unchanged
+    b_abs = np.array([np.abs(f).sum() for f in f_b])
+    diff_ref = {
+        "energy_mae_difference": bootstrap((np.abs(e_err), np.abs(e_b)), lambda a, b, axis: a.mean(axis) - b.mean(axis),
+                                           paired=True, **kw),
+        "forces_mae_difference": bootstrap((abs_sum, b_abs, count),
+                                           lambda a, b, c, axis: (a.sum(axis) - b.sum(axis)) / c.sum(axis),
+                                           paired=True, **kw),
+    }
+    for key, result in diff_ref.items():
+        low, high = result.confidence_interval
+        assert paired[key] == pytest.approx([low, high], abs=0.03 * (high - low)), key
+    # much narrower than the difference of the unpaired intervals would suggest
+    assert np.diff(paired["forces_mae_difference"])[0] < 0.5 * np.diff(got["forces_mae"])[0]
+    with pytest.raises(ValueError, match="baseline's forces labels"):
+        bootstrap_intervals(arrays, resamples=10, baseline=dict(other, forces_ref=other["forces_ref"] + 1.0))
+
     # the force MAE interval is not the naive one over independent components (here 3x too narrow)
     assert got["forces_mae"][1] - got["forces_mae"][0] > 2 * 3.92 * np.abs(arrays["forces_pred"]).std() / np.sqrt(
         count.sum())

@@ -5,7 +5,7 @@
     matkit train config.yaml [optim.lr=1e-3 run.out_dir=runs/x ...] [--resume [latest.pt]]
     torchrun --nproc_per_node=4 $(which matkit) train config.yaml      # data-parallel (also srun)
     matkit evaluate runs/x/best.pt datasets/si.h5 [--json errors.json] [--split val] [--per-element] [--per-group]
-                    [--bootstrap 2000]
+                    [--bootstrap 2000 [--baseline other.pt]]
 
 Errors are one line naming the key or file (:func:`matkit.cli.main`; ``--debug`` shows the traceback).
 """
@@ -52,6 +52,10 @@ def register(subparsers) -> None:
                           help="also print (and with --json write) 95 %% intervals of the energy and force MAE and "
                                "RMSE from N resamplings of the evaluated structures (e.g. 2000): how far a small "
                                "validation split's errors could move with another draw of structures")
+    evaluate.add_argument("--baseline", metavar="CHECKPOINT",
+                          help="with --bootstrap: also evaluate CHECKPOINT on the same structures and print "
+                               "intervals of the differences of the errors (this minus baseline) on the same draws, "
+                               "a paired comparison of two potentials")
     evaluate.add_argument("--no-progress", action="store_true")
     evaluate.set_defaults(func=run_evaluate)
 
@@ -90,6 +94,9 @@ def run_evaluate(args) -> int:
 
     if args.bootstrap < 0:
         print(f"matkit evaluate: --bootstrap must be >= 0, got {args.bootstrap}", file=sys.stderr)
+        return 2
+    if args.baseline and not args.bootstrap:
+        print("matkit evaluate: --baseline needs --bootstrap N (e.g. --bootstrap 2000)", file=sys.stderr)
         return 2
     try:
         model, payload = load_checkpoint(args.checkpoint, return_payload=True)
@@ -142,8 +149,25 @@ def run_evaluate(args) -> int:
     if groups is not None:
         extra["by_group"] = errors_by_group(result.predictions.arrays(), groups)
         print(format_group_table(extra["by_group"]))
+    baseline = None
+    if args.baseline:
+        try:
+            other = load_checkpoint(args.baseline)
+        except CheckpointError as err:
+            print(f"matkit evaluate: --baseline: {err}", file=sys.stderr)
+            return 2
+        # the same structures, labels and dtype; graphs at the baseline's own cutoff
+        same_dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
+        other = other.to(same_dtype)
+        other_data = load_dataset(args.dataset, other.cutoff, dtype=dtype)
+        other_result = evaluate_model(other, other_data, batch_size=args.batch_size, device=args.device,
+                                      dtype=same_dtype, indices=indices, collect=True, progress=progress)
+        baseline = other_result.predictions.arrays()
+        extra["baseline"] = {"checkpoint": str(args.baseline), "metrics": other_result.metrics()}
+        print(f"baseline {args.baseline}:")
+        print(format_metrics_table(other_result.metrics(), n))
     if args.bootstrap:
-        intervals = bootstrap_intervals(result.predictions.arrays(), resamples=args.bootstrap)
+        intervals = bootstrap_intervals(result.predictions.arrays(), resamples=args.bootstrap, baseline=baseline)
         extra["bootstrap"] = {"resamples": args.bootstrap, "level": 0.95, "seed": 0, **intervals}
         print(format_interval_table(intervals, args.bootstrap, n))
     if args.json:

@@ -136,8 +136,20 @@ def format_group_table(by_group: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _structure_sums(arrays: Dict[str, np.ndarray], key: str, units: np.ndarray) -> Optional[np.ndarray]:
+    """(3, n) sums of |error|, squared error and labelled items of ``key`` per structure of ``units``; None
+    without labels."""
+    diff = arrays[f"{key}_pred"] - arrays[f"{key}_ref"]
+    if diff.size == 0:
+        return None
+    where = np.searchsorted(units, arrays[f"{key}_structure"])
+    n = units.size
+    return np.stack([np.bincount(where, np.abs(diff), minlength=n), np.bincount(where, diff ** 2, minlength=n),
+                     np.bincount(where, minlength=n).astype(float)])
+
+
 def bootstrap_intervals(arrays: Dict[str, np.ndarray], resamples: int = 2000, level: float = 0.95,
-                        seed: int = 0) -> Dict[str, List[float]]:
+                        seed: int = 0, baseline: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, List[float]]:
     """Percentile bootstrap intervals of the energy (eV/atom) and force-component (eV/Å) MAE and RMSE, from
     :meth:`Predictions.arrays`: ``{"energy_mae": [low, high], "energy_rmse": ..., "forces_mae": ...,
     "forces_rmse": ...}`` (a quantity without labels is left out).
@@ -145,48 +157,59 @@ def bootstrap_intervals(arrays: Dict[str, np.ndarray], resamples: int = 2000, le
     The evaluated structures are drawn ``resamples`` times with replacement (seeded) and the errors recomputed
     on each draw, so an interval says how far the errors of a small split (a ~20-structure validation split) could
     move with another draw of structures like these. Structures, not force components, are resampled: the
-    components of one structure share its configuration and are correlated."""
+    components of one structure share its configuration and are correlated.
+
+    ``baseline``: the arrays of a second model on the same structures and labels. The result then also holds
+    ``"energy_mae_difference"`` etc.: intervals of this model's error minus the baseline's on the same draws (a
+    paired comparison, much narrower than the two intervals, since both models err on the same structures)."""
     units = np.union1d(arrays["energy_structure"], arrays["forces_structure"])
     n = units.size
     if n == 0:
         return {}
-    per_structure = {}
-    for key in ("energy", "forces"):
-        diff = arrays[f"{key}_pred"] - arrays[f"{key}_ref"]
-        if diff.size == 0:
-            continue
-        where = np.searchsorted(units, arrays[f"{key}_structure"])
-        per_structure[key] = np.stack([np.bincount(where, np.abs(diff), minlength=n),   # (3, n): |error| sums,
-                                       np.bincount(where, diff ** 2, minlength=n),      # squared sums and
-                                       np.bincount(where, minlength=n).astype(float)])  # labelled items
+    models = [arrays] if baseline is None else [arrays, baseline]
+    for key in ("energy", "forces") if baseline is not None else ():
+        for part in ("structure", "ref"):
+            if not np.array_equal(arrays[f"{key}_{part}"], baseline[f"{key}_{part}"]):
+                raise ValueError(f"bootstrap_intervals: the baseline's {key} labels are not those of the same "
+                                 "structures")
+    tables = {key: [_structure_sums(m, key, units) for m in models] for key in ("energy", "forces")}
+    tables = {key: t for key, t in tables.items() if t[0] is not None}
     rng = np.random.default_rng(seed)
-    sums = {key: [] for key in per_structure}
+    sums = {key: [] for key in tables}
     chunk = max(1, min(resamples, 2 ** 22 // n))   # (chunk, n) draw counts at a time, ~32 MB
     for start in range(0, resamples, chunk):
         counts = rng.multinomial(n, np.full(n, 1.0 / n), size=min(chunk, resamples - start)).astype(float)
-        for key, table in per_structure.items():
-            sums[key].append(counts @ table.T)
+        for key, per_model in tables.items():
+            sums[key].append([counts @ table.T for table in per_model])   # each (chunk, 3)
     tail = 100.0 * (1.0 - level) / 2.0
+    interval = lambda values: [float(v) for v in np.percentile(values, [tail, 100.0 - tail])]  # noqa: E731
     out = {}
     for key, parts in sums.items():
-        abs_sum, sq_sum, items = np.concatenate(parts).T
-        drawn = items > 0   # a draw without any labelled structure of this kind has no error
-        for name, values in (("mae", abs_sum[drawn] / items[drawn]), ("rmse", np.sqrt(sq_sum[drawn] / items[drawn]))):
-            out[f"{key}_{name}"] = [float(v) for v in np.percentile(values, [tail, 100.0 - tail])]
+        errors = []
+        for m in range(len(models)):
+            abs_sum, sq_sum, items = np.concatenate([part[m] for part in parts]).T
+            drawn = items > 0   # a draw without any labelled structure of this kind has no error
+            errors.append({"mae": abs_sum[drawn] / items[drawn], "rmse": np.sqrt(sq_sum[drawn] / items[drawn])})
+        for name in ("mae", "rmse"):
+            out[f"{key}_{name}"] = interval(errors[0][name])
+            if baseline is not None:
+                out[f"{key}_{name}_difference"] = interval(errors[0][name] - errors[1][name])
     return out
 
 
 def format_interval_table(intervals: Dict[str, List[float]], resamples: int, structures: int,
                           level: float = 0.95) -> str:
-    """A fixed-width text table of :func:`bootstrap_intervals` (energy in meV/atom, forces in meV/Å)."""
+    """A fixed-width text table of :func:`bootstrap_intervals` (energy in meV/atom, forces in meV/Å), with rows
+    "... - baseline" for the paired differences when it has them."""
     lines = [f"{100 * level:g} % intervals from {resamples} resamplings of the {structures} structures",
-             f"{'quantity':<10}{'unit':>10}{'MAE':>24}{'RMSE':>24}"]
-    for key, unit in (("energy", "meV/atom"), ("forces", "meV/Å")):
-        cells = []
-        for name in ("mae", "rmse"):
-            low_high = intervals.get(f"{key}_{name}")
-            cells.append(f"{1000 * low_high[0]:.3f} - {1000 * low_high[1]:.3f}" if low_high else "n/a")
-        lines.append(f"{key:<10}{unit:>10}{cells[0]:>24}{cells[1]:>24}")
+             f"{'quantity':<20}{'unit':>10}{'MAE':>24}{'RMSE':>24}"]
+    for suffix, label in (("", ""), ("_difference", " - baseline")):
+        for key, unit in (("energy", "meV/atom"), ("forces", "meV/Å")):
+            cells = [intervals.get(f"{key}_{name}{suffix}") for name in ("mae", "rmse")]
+            if suffix and not any(cells):
+                continue
+            cells = [f"{1000 * c[0]:.3f} - {1000 * c[1]:.3f}" if c else "n/a" for c in cells]
+            lines.append(f"{key + label:<20}{unit:>10}{cells[0]:>24}{cells[1]:>24}")
     return "\n".join(lines)
 
 
