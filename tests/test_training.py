@@ -545,6 +545,39 @@ def test_cli_evaluate_per_group_errors(tmp_path, capsys):
     assert by_group[""]["energy_mae"] == pytest.approx(de[1], rel=1e-6)
 
 
+def test_cli_evaluate_baseline_at_its_own_cutoff(tmp_path):
+    """`--baseline` with a larger cutoff than the first checkpoint's (the 89-element tensornet-mo at 5 Å, then
+    tensornet-li at 6 Å, on four mlearn Li structures written to extxyz) builds the baseline's graphs at its own
+    cutoff: its errors equal tensornet-li's calculator's (graphs at 5 Å would drop its 5-6 Å neighbours)."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from matkit.data.hdf5 import FrameFile
+
+    first, other = ROOT / "potentials/tensornet-mo/model.pt", ROOT / "potentials/tensornet-li/model.pt"
+    frames = FrameFile(ROOT / "datasets/mlearn_li.h5")
+    images = []
+    for i in (0, 60, 120, 180):
+        f = frames[i]
+        atoms = Atoms(numbers=f.atomic_numbers, positions=f.positions, cell=f.cell, pbc=True)
+        atoms.calc = SinglePointCalculator(atoms, energy=f.energy, forces=f.forces)
+        images.append(atoms)
+    data, out_json = tmp_path / "li.extxyz", tmp_path / "errors.json"
+    ase.io.write(data, images, format="extxyz")
+    assert matkit_main(["evaluate", str(first), str(data), "--dtype", "float64", "--bootstrap", "50",
+                        "--baseline", str(other), "--json", str(out_json), "--no-progress"]) == 0
+    baseline = json.loads(out_json.read_text())["baseline"]["metrics"]
+    calc = MatkitCalculator(other, dtype="float64", skin=0.0)
+    de, df = [], []
+    for atoms in images:
+        ref_e, ref_f = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = calc
+        de.append((atoms.get_potential_energy() - ref_e) / len(atoms))
+        df.append((atoms.get_forces() - ref_f).ravel())
+    assert baseline["energy_mae"] == pytest.approx(np.abs(de).mean(), rel=1e-6)
+    assert baseline["forces_mae"] == pytest.approx(np.abs(np.concatenate(df)).mean(), rel=1e-6)
+
+
 def test_bootstrap_intervals_match_scipy():
     """The percentile intervals of :func:`bootstrap_intervals` against ``scipy.stats.bootstrap`` resampling the
     same structures (energy MAE: a mean over structures; force MAE / RMSE: ratios of per-structure sums, structures

@@ -156,10 +156,10 @@ def run_evaluate(args) -> int:
         except CheckpointError as err:
             print(f"matkit evaluate: --baseline: {err}", file=sys.stderr)
             return 2
-        # the same structures, labels and dtype; graphs at the baseline's own cutoff
+        # the same structures, labels and dtype; graphs at the baseline's own cutoff (read again only if it differs)
         same_dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
         other = other.to(same_dtype)
-        other_data = load_dataset(args.dataset, other.cutoff, dtype=dtype)
+        other_data = dataset if other.cutoff == model.cutoff else load_dataset(args.dataset, other.cutoff, dtype=dtype)
         other_result = evaluate_model(other, other_data, batch_size=args.batch_size, device=args.device,
                                       dtype=same_dtype, indices=indices, collect=True, progress=progress)
         baseline = other_result.predictions.arrays()
