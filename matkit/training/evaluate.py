@@ -167,9 +167,10 @@ def bootstrap_intervals(arrays: Dict[str, np.ndarray], resamples: int = 2000, le
     if n == 0:
         return {}
     models = [arrays] if baseline is None else [arrays, baseline]
-    for key in ("energy", "forces") if baseline is not None else ():
-        for part in ("structure", "ref"):
-            if not np.array_equal(arrays[f"{key}_{part}"], baseline[f"{key}_{part}"]):
+    if baseline is not None:
+        for key in ("energy", "forces"):
+            same = (np.array_equal(arrays[f"{key}_{part}"], baseline[f"{key}_{part}"]) for part in ("structure", "ref"))
+            if not all(same):
                 raise ValueError(f"bootstrap_intervals: the baseline's {key} labels are not those of the same "
                                  "structures")
     tables = {key: [_structure_sums(m, key, units) for m in models] for key in ("energy", "forces")}

@@ -27,6 +27,7 @@ The results are in tensornet-mo's card ("The 6000 K frames alone, without them, 
 import argparse
 import dataclasses
 import re
+from collections import Counter
 from pathlib import Path
 
 from matkit.data.hdf5 import FrameFile, HDF5Writer
@@ -62,10 +63,7 @@ def main() -> None:
         with HDF5Writer(out / name, license="BSD-3-Clause", provenance={"input": DATA, "note": note}) as writer:
             for frame in rows:
                 writer.add(frame)
-        counts = {}
-        for frame in rows:
-            counts[frame.group] = counts.get(frame.group, 0) + 1
-        print(f"{out / name}: {len(rows)} structures, {counts}")
+        print(f"{out / name}: {len(rows)} structures, {dict(Counter(frame.group for frame in rows))}")
 
 
 if __name__ == "__main__":
